@@ -1,0 +1,46 @@
+# The commands the README names. `make up` starts the suite; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: up test test-fast system-deps protos lint train-classifier clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Serving only (no torch): what `make up` needs.
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[serve]'
+	touch $@
+
+# Everything: serving, training (torch) and the test tools.
+$(VENV)/.installed-all: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[serve,train,dev]'
+	touch $@ $(VENV)/.installed-serve
+
+up: $(VENV)/.installed-serve
+	$(BIN)/nnserve up
+
+test: system-deps $(VENV)/.installed-all
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-all
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+protos: $(VENV)/.installed-all
+	$(BIN)/python tools/gen_protos.py
+
+lint: $(VENV)/.installed-all
+	$(BIN)/ruff check services training tests tools
+	$(BIN)/mypy services/core
+
+train-classifier: system-deps $(VENV)/.installed-all
+	$(BIN)/python -m training.train_classifier --epochs 15 --seed 0 --out models/classifier/1
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,88 @@
+"""Classifier pre- and post-processing on numpy: request images -> batch, logits -> top-k and OOD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.core.errors import InvalidInput
+from services.core.images import TensorInput, decode_images, tensor_to_images
+from services.core.manifest import Manifest
+
+MAX_TOP_K = 10
+
+
+@dataclass(frozen=True)
+class Classifications:
+    """Per-image results, batch-first."""
+
+    class_ids: np.ndarray  # int64 [N, k], most probable first
+    probabilities: np.ndarray  # float32 [N, k]
+    ood_scores: np.ndarray  # float32 [N]
+    out_of_distribution: np.ndarray  # bool [N]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """-logsumexp(logits): the energy OOD score (higher: less like the training data)."""
+    m = logits.max(axis=1)
+    return -(m + np.log(np.exp(logits - m[:, None]).sum(axis=1)))
+
+
+class ClassifierModel:
+    """The classify service's view of a classifier manifest."""
+
+    def __init__(self, manifest: Manifest, max_images: int) -> None:
+        if len(manifest.inputs) != 1 or len(manifest.outputs) < 1:
+            raise ValueError(f"classifier {manifest.name}/{manifest.version} must have one input and a logits output")
+        self.manifest = manifest
+        self.input_name = manifest.inputs[0].name
+        self.output_name = manifest.outputs[0].name
+        self.labels = list(manifest.labels)
+        self.num_classes = manifest.outputs[0].shape[-1]
+        if len(self.labels) != self.num_classes:
+            self.labels = [str(i) for i in range(self.num_classes)]
+        self.ood_threshold = manifest.ood.threshold if manifest.ood else float("inf")
+        self.max_images = max_images
+
+    def batch(self, images: list[bytes], tensor: TensorInput | None) -> np.ndarray:
+        """Validate and convert a request's images into float32 [N, 1, 28, 28]."""
+        tensor_rows = 0
+        if tensor is not None:
+            tensor_rows = int(tensor.shape[0]) if len(tensor.shape) > 2 else 1
+            if tensor_rows < 1:
+                raise InvalidInput("tensor.shape", f"first dimension must be >= 1, got {list(tensor.shape)}")
+        count = len(images) + tensor_rows
+        if count == 0:
+            raise InvalidInput("images", "the request has no images (set images or tensor)")
+        if count > self.max_images:
+            raise InvalidInput("images", f"{count} images in one request, over the limit of {self.max_images}")
+        parts = []
+        if images:
+            parts.append(decode_images(images, "images"))
+        if tensor is not None:
+            parts.append(tensor_to_images(tensor.dtype, tensor.shape, tensor.data, "tensor"))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def top_k(self, requested: int, default: int) -> int:
+        k = requested or default
+        if not 1 <= k <= min(MAX_TOP_K, self.num_classes):
+            raise InvalidInput("top_k", f"must be between 1 and {min(MAX_TOP_K, self.num_classes)}, got {requested}")
+        return k
+
+    def postprocess(self, logits: np.ndarray, k: int) -> Classifications:
+        probabilities = softmax(logits)
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        scores = energy(logits).astype(np.float32)
+        return Classifications(
+            class_ids=top,
+            probabilities=np.take_along_axis(probabilities, top, axis=1).astype(np.float32),
+            ood_scores=scores,
+            out_of_distribution=scores > self.ood_threshold,
+        )

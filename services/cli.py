@@ -1,0 +1,178 @@
+"""The ``nnserve`` command: run services, call them, check their health, start the whole suite.
+
+    nnserve up                                  # every service on the shipped models
+    nnserve serve classify --port 50051         # one service (flags or NNSERVE_CLASSIFY_* env)
+    nnserve classify shirt.png --top-k 3        # call it
+    nnserve health 127.0.0.1:50051              # exit 0 when SERVING
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How ``nnserve up`` starts one service, and the models it needs in the repository."""
+
+    name: str
+    module: str
+    port: int
+    metrics_port: int
+    models: tuple[str, ...]
+    example: str
+
+
+SERVICES = {
+    "classify": ServiceSpec(
+        "classify", "services.classify", 50051, 9101, ("classifier",),
+        "nnserve classify --address {address} IMAGE.png",
+    ),
+}
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> int:
+    module = __import__(f"{SERVICES[args.service].module}.__main__", fromlist=["main"])
+    return int(module.main(rest))
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from services.client import ClassifyClient
+
+    images = [Path(p).read_bytes() for p in args.images]
+    try:
+        with ClassifyClient(args.address) as client:
+            reply = client.classify(images=images, top_k=args.top_k, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"nnserve classify: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(reply), indent=2))
+        return 0
+    for path, result in zip(args.images, reply.classifications, strict=True):
+        top = ", ".join(f"{p.label} {p.probability:.1%}" for p in result.predictions)
+        flag = "  [out of distribution]" if result.out_of_distribution else ""
+        print(f"{path}: {top}  (ood score {result.ood_score:.2f}){flag}")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from services.client import check_health
+
+    try:
+        status = check_health(args.address, args.service, args.timeout)
+    except grpc.RpcError as exc:
+        print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Start every service whose models are in the repository; stop them all on Ctrl-C/SIGTERM."""
+    from services.core.repository import ModelRepository
+
+    repository = ModelRepository(args.model_repository)
+    present = set(repository.models())
+    wanted = [s for s in SERVICES.values() if not args.only or s.name in args.only]
+    state = Path(tempfile.mkdtemp(prefix="nnserve-up-"))
+    children: list[tuple[ServiceSpec, subprocess.Popen[bytes], Path]] = []
+    for spec in wanted:
+        missing = [m for m in spec.models if m not in present]
+        if missing:
+            print(f"skipping {spec.name}: no {', '.join(missing)} in {repository.root}", file=sys.stderr)
+            continue
+        port_file = state / f"{spec.name}.json"
+        command = [
+            sys.executable, "-m", spec.module, "--host", args.host, "--port", str(spec.port + args.port_offset),
+            "--metrics-port", str(spec.metrics_port + args.port_offset), "--metrics-host", args.host,
+            "--model-repository", str(repository.root), "--port-file", str(port_file),
+        ]
+        children.append((spec, subprocess.Popen(command), port_file))
+    if not children:
+        print("nothing to start", file=sys.stderr)
+        return 1
+
+    def stop_all(*_: object) -> None:
+        for _, child, _ in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    deadline = time.monotonic() + args.start_timeout
+    while not all(p.exists() for _, _, p in children):
+        failed = [(s, c) for s, c, _ in children if c.poll() is not None]
+        if failed or time.monotonic() > deadline:
+            for spec, child in failed:
+                print(f"{spec.name} exited with code {child.returncode}", file=sys.stderr)
+            stop_all()
+            return 1
+        time.sleep(0.1)
+    print("\nnnserve is up:\n")
+    for spec, _, port_file in children:
+        info = json.loads(port_file.read_text())
+        address = f"{args.host}:{info['port']}"
+        metrics = f"http://{args.host}:{info['metrics_port']}/metrics" if info["metrics_port"] else "off"
+        models = ", ".join(f"{k}/{v}" for k, v in info["models"].items())
+        print(f"  {spec.name:<9} grpc {address:<16} metrics {metrics:<32} models {models}")
+        print(f"  {'':<9} try: {spec.example.format(address=address)}")
+    print("\nhealth: nnserve health ADDRESS    stop: Ctrl-C\n", flush=True)
+    codes = [child.wait() for _, child, _ in children]
+    return max(codes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one service (flags after the name: see 'nnserve serve NAME --help')", add_help=False)
+    serve.add_argument("service", choices=sorted(SERVICES))
+
+    up = sub.add_parser("up", help="start every service on the shipped models")
+    up.add_argument("--model-repository", default=os.environ.get("NNSERVE_MODEL_REPOSITORY", "models"))
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port-offset", type=int, default=0, help="add this to every default port")
+    up.add_argument("--only", nargs="*", choices=sorted(SERVICES), help="start only these services")
+    up.add_argument("--start-timeout", type=float, default=120.0)
+
+    classify = sub.add_parser("classify", help="classify image files")
+    classify.add_argument("images", nargs="+")
+    classify.add_argument("--address", default="127.0.0.1:50051")
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--timeout", type=float, default=30.0)
+    classify.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+    health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
+    health.add_argument("address")
+    health.add_argument("--service", default="", help="a service name; empty: the whole server")
+    health.add_argument("--timeout", type=float, default=5.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "serve":
+        return _serve(args, rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    handlers = {"classify": _classify, "health": _health, "up": _up}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""Dynamic batching: concurrent requests merge into one model call.
+
+A single worker task takes the oldest request, then adds whatever else is queued (and, up to
+``max_delay``, whatever arrives) until ``max_batch_size`` rows, concatenates the inputs along axis
+0, runs the model once in a dedicated thread and hands each request its slice of the outputs. While
+a batch runs, new requests queue up and form the next batch, so under load batches grow without
+any waiting.
+
+- The queue is bounded: it counts every admitted request that has not started running (queued or
+  in a batch still being formed); one that finds it full is refused at once (``Overloaded``).
+- A request whose deadline passed, or whose caller went away, while queued is dropped before
+  inference (``DeadlineExpired``).
+- A failing model call fails every request of that batch (``InferenceFailed``); the worker goes on.
+- A request larger than ``max_batch_size`` runs alone, in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.core.errors import DeadlineExpired, InferenceFailed, Overloaded, Unavailable
+from services.core.metrics import ModelMetrics
+
+log = logging.getLogger(__name__)
+
+Arrays = Mapping[str, np.ndarray]
+Predict = Callable[[Arrays], dict[str, np.ndarray]]
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: Arrays
+    rows: int
+    future: asyncio.Future[dict[str, np.ndarray]]
+    deadline: float | None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    """Merges concurrent ``submit`` calls into batched calls of ``predict``."""
+
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        name: str,
+        max_batch_size: int = 64,
+        max_delay_s: float = 0.002,
+        max_queue_size: int = 1024,
+        enabled: bool = True,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
+        self._predict = predict
+        self.name = name
+        self.max_batch_size = max_batch_size if enabled else 1
+        self.max_delay_s = max_delay_s if enabled else 0.0
+        self.max_queue_size = max_queue_size
+        self._metrics = metrics
+        self._queue: deque[_Request] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._worker: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._flush = False
+        self._waiting = 0  # admitted requests not yet running: the bounded quantity
+
+    @property
+    def queue_depth(self) -> int:
+        """Admitted requests that have not started running."""
+        return self._waiting
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._accepting = True
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    def begin_drain(self) -> None:
+        """Stop waiting ``max_delay`` for stragglers: run what is queued at once (shutdown)."""
+        self._flush = True
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        """Refuse new work, finish what is queued without waiting for stragglers, then stop."""
+        self._accepting = False
+        self._flush = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, inputs: Arrays, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Queue ``inputs`` (batch-first arrays with equal row counts) and await their outputs.
+
+        ``deadline`` is a ``time.perf_counter()`` instant after which the request is not run.
+        """
+        if not self._accepting:
+            raise Unavailable("server is shutting down")
+        if self._waiting >= self.max_queue_size:
+            if self._metrics:
+                self._metrics.queue_full.inc()
+            raise Overloaded(f"queue for model {self.name} is full (max_queue_size={self.max_queue_size} requests waiting); retry later")
+        rows = len(next(iter(inputs.values())))
+        request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
+        self._queue.append(request)
+        self._waiting += 1
+        if self._metrics:
+            self._metrics.queue_depth.inc()
+        self._wakeup.set()
+        return await request.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._accepting or self._queue:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = await self._collect(loop)
+            batch = self._drop_unrunnable(batch)
+            if batch:
+                await self._execute(loop, batch)
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Request]:
+        first = self._queue.popleft()
+        batch, rows = [first], first.rows
+        wait_until = loop.time() + self.max_delay_s
+        while rows < self.max_batch_size:
+            if not self._queue:
+                remaining = wait_until - loop.time()
+                if remaining <= 0 or self._flush:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+                continue
+            if rows + self._queue[0].rows > self.max_batch_size:
+                break
+            request = self._queue.popleft()
+            batch.append(request)
+            rows += request.rows
+        self._waiting -= len(batch)
+        if self._metrics:
+            self._metrics.queue_depth.dec(len(batch))
+        return batch
+
+    def _drop_unrunnable(self, batch: list[_Request]) -> list[_Request]:
+        now = time.perf_counter()
+        runnable = []
+        for request in batch:
+            expired = request.deadline is not None and now >= request.deadline
+            if request.future.done():  # gRPC cancelled the call: the client went away or its deadline passed
+                if self._metrics:
+                    (self._metrics.deadline if expired else self._metrics.cancelled).inc()
+            elif expired:
+                if self._metrics:
+                    self._metrics.deadline.inc()
+                request.future.set_exception(
+                    DeadlineExpired(f"deadline expired after {now - request.enqueued:.3f}s in the queue, before inference")
+                )
+            else:
+                runnable.append(request)
+        return runnable
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs}
+        rows = sum(r.rows for r in batch)
+        started = time.perf_counter()
+        m = self._metrics
+        if m:
+            for request in batch:
+                m.queue_wait.observe(started - request.enqueued)
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+        except Exception:
+            log.exception("model %s failed on a batch of %d rows from %d requests", self.name, rows, len(batch))
+            if m:
+                m.failures.inc()
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(InferenceFailed(f"model {self.name} failed on this batch"))
+            return
+        if m:
+            m.inference_duration.observe(time.perf_counter() - started)
+            m.batch_size.observe(rows)
+            m.rows.inc(rows)
+            m.batches.inc()
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+            return
+        offset = 0
+        for request in batch:
+            end = offset + request.rows
+            if not request.future.done():
+                request.future.set_result({k: v[offset:end] for k, v in outputs.items()})
+            offset = end

@@ -1,0 +1,50 @@
+"""Domain errors. They carry no transport codes: ``services.core.server`` maps them to gRPC once.
+
+Every message names the offending field and, where there is one, the limit it broke.
+"""
+
+from __future__ import annotations
+
+
+class NnserveError(Exception):
+    """Base of every error a client may be told about."""
+
+
+class InvalidInput(NnserveError):
+    """The request is malformed: a field has the wrong type, shape, length or value."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class OutOfRange(NnserveError):
+    """A numeric field is well-formed but outside the range this server accepts."""
+
+    def __init__(self, field: str, value: object, limit: str) -> None:
+        super().__init__(f"{field}: {value} is out of range ({limit})")
+        self.field = field
+
+
+class ModelNotFound(NnserveError):
+    """The named model or version is not in the repository (or not served here)."""
+
+
+class ModelLoadError(NnserveError):
+    """A model in the repository cannot be loaded: missing file, bad manifest, wrong checksum."""
+
+
+class Overloaded(NnserveError):
+    """The server cannot take more work now (queue full); the client may retry later."""
+
+
+class DeadlineExpired(NnserveError):
+    """The request's deadline passed before its work could start."""
+
+
+class InferenceFailed(NnserveError):
+    """The model call failed. The message is safe to show; the cause is logged."""
+
+
+class Unavailable(NnserveError):
+    """The server is shutting down or not ready."""

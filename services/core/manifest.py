@@ -1,0 +1,99 @@
+"""The model manifest: the one contract between export (training) and serving.
+
+Training writes ``models/<name>/<version>/manifest.json`` with :func:`Manifest.write`; serving reads
+it with :func:`Manifest.read`. Both sides import this module, so the schema cannot drift. It
+depends on pydantic only (no torch, no grpc).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+
+DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
+
+
+class TensorSpec(BaseModel):
+    """One graph input or output. ``-1`` marks a dynamic axis (the batch axis is always dynamic)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    dtype: DType
+    shape: list[int]
+
+
+class Preprocessing(BaseModel):
+    """How raw pixels become the model's input; serving applies exactly this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    color: Literal["grayscale"] = "grayscale"
+    size: tuple[int, int] = (28, 28)
+    scale: Literal["0-1"] = "0-1"
+    background: Literal["dark", "light"] = "dark"
+    description: str = ""
+
+
+class OodCalibration(BaseModel):
+    """Out-of-distribution score and the threshold it was calibrated to at training time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["energy", "max_softmax", "reconstruction_mse"]
+    threshold: float
+    higher_is_more_ood: bool = True
+    calibration: str
+
+
+class TrainingInfo(BaseModel):
+    """Provenance: what produced the file, so a reader can reproduce it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    command: str
+    seed: int
+    data: str
+    epochs: int
+    duration_s: float
+    hardware: str
+    torch_version: str
+
+
+class Manifest(BaseModel):
+    """Everything serving needs to know about one model version."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: int
+    task: str
+    file: str = "model.onnx"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    preprocessing: Preprocessing = Preprocessing()
+    labels: list[str] = []
+    parameters: int = 0
+    ood: OodCalibration | None = None
+    metrics: dict[str, Any] = {}
+    training: TrainingInfo | None = None
+    extra: dict[str, Any] = {}
+
+    @classmethod
+    def read(cls, path: Path | str) -> Manifest:
+        """Parse and validate a manifest file."""
+        return cls.model_validate_json(Path(path).read_text())
+
+    def write(self, path: Path | str) -> None:
+        """Write the manifest as stable, human-readable JSON."""
+        text = json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False)
+        Path(path).write_text(text + "\n")

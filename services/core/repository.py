@@ -1,0 +1,101 @@
+"""The model repository: ``<root>/<name>/<version>/{model.onnx, manifest.json}``.
+
+Versions are positive integers; the highest is served unless one is configured. A version is
+usable only when its manifest parses and the ONNX file's sha256 matches the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from services.core.errors import ModelLoadError, ModelNotFound
+from services.core.manifest import MANIFEST_FILE, Manifest
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One verified model version on disk."""
+
+    name: str
+    version: int
+    directory: Path
+    manifest: Manifest
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / self.manifest.file
+
+
+class ModelRepository:
+    """Finds and verifies model versions under ``root``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def _model_dir(self, name: str) -> Path:
+        # The name pattern forbids path separators and "..", so a name cannot leave the root.
+        if not _NAME.match(name) or name in (".", ".."):
+            raise ModelNotFound(f"model name {name!r} is not valid (letters, digits, '_', '-', '.')")
+        return self.root / name
+
+    def versions(self, name: str) -> list[int]:
+        """Version numbers present for ``name``, ascending (unverified)."""
+        directory = self._model_dir(name)
+        if not directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+    def models(self) -> list[str]:
+        """Names of the models that have at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and self.versions(p.name))
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """Load and verify ``name`` at ``version`` (default: the highest present).
+
+        Raises ModelNotFound when the model or version is absent and ModelLoadError when it is
+        present but unusable; both messages name the file at fault.
+        """
+        available = self.versions(name)
+        if not available:
+            raise ModelNotFound(f"model {name!r} not found in repository {self.root}")
+        chosen = available[-1] if version is None else version
+        if chosen not in available:
+            raise ModelNotFound(f"model {name!r} has no version {chosen} in {self.root} (versions: {available})")
+        directory = self._model_dir(name) / str(chosen)
+        manifest_path = directory / MANIFEST_FILE
+        try:
+            manifest = Manifest.read(manifest_path)
+        except FileNotFoundError:
+            raise ModelLoadError(f"{manifest_path}: manifest missing") from None
+        except (ValidationError, ValueError) as exc:
+            raise ModelLoadError(f"{manifest_path}: invalid manifest: {exc}") from None
+        if manifest.name != name or manifest.version != chosen:
+            raise ModelLoadError(
+                f"{manifest_path}: manifest says {manifest.name}/{manifest.version}, directory is {name}/{chosen}"
+            )
+        onnx_path = directory / manifest.file
+        if onnx_path.parent != directory:
+            raise ModelLoadError(f"{manifest_path}: file {manifest.file!r} must be inside the version directory")
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"{onnx_path}: model file missing")
+        actual = _sha256(onnx_path)
+        if actual != manifest.sha256:
+            raise ModelLoadError(f"{onnx_path}: sha256 {actual} does not match manifest {manifest.sha256}")
+        return ModelVersion(name=name, version=chosen, directory=directory, manifest=manifest)

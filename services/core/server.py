@@ -1,0 +1,295 @@
+"""The grpc.aio server every service runs: error mapping, metrics, health, reflection, graceful stop.
+
+- :class:`ServerInterceptor` maps domain errors to gRPC status codes in one place and counts every
+  call in Prometheus. Unexpected exceptions become INTERNAL with a generic message and a full log
+  line; client-visible messages come only from :mod:`services.core.errors`.
+- :func:`run` starts a :class:`Service`, reports SERVING once its models are warm, and on SIGTERM
+  or SIGINT turns health NOT_SERVING, refuses new calls, lets in-flight calls finish within the
+  grace period and returns 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from services.core import errors
+from services.core.batching import DynamicBatcher
+from services.core.metrics import Metrics, serve_metrics
+from services.core.settings import S, ServiceSettings, add_settings_arguments, settings_from_args
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[errors.NnserveError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and client-visible message for an exception."""
+    for cls in type(exc).__mro__:
+        code = _STATUS.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code, str(exc)
+    if isinstance(exc, errors.NnserveError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"
+
+
+class ServerInterceptor(aio.ServerInterceptor):
+    """Wraps every method handler once (cached per method) with error mapping and metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        try:
+            return self._handlers[method]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        handler = await continuation(handler_call_details)
+        wrapped = self._wrap(method.lstrip("/"), handler) if handler is not None else None
+        self._handlers[method] = wrapped
+        return wrapped  # type: ignore[return-value]
+
+    def _count(self, method: str, code: str, started: float) -> None:
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._metrics.requests.labels(self._metrics.service, method, code)
+            self._counters[(method, code)] = counter
+        counter.inc()
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        metrics = self._metrics
+        duration = metrics.request_duration.labels(metrics.service, method)
+        in_flight = metrics.in_flight.labels(metrics.service)
+        count = self._count
+
+        async def fail(exc: BaseException, context: aio.ServicerContext) -> None:
+            code, message = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("%s failed", method, exc_info=exc)
+            await context.abort(code, message)
+
+        def cancelled_code(context: aio.ServicerContext) -> str:
+            remaining = context.time_remaining()
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+        def code_of(context: aio.ServicerContext, default: str) -> str:
+            code = context.code()
+            return code.name if isinstance(code, grpc.StatusCode) else default
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                in_flight.inc()
+                code = "OK"
+                try:
+                    return await inner_uu(request, context)
+                except aio.AbortError:
+                    code = code_of(context, "UNKNOWN")
+                    raise
+                except asyncio.CancelledError:
+                    code = cancelled_code(context)
+                    raise
+                except Exception as exc:
+                    code = status_for(exc)[0].name
+                    await fail(exc, context)
+                finally:
+                    in_flight.dec()
+                    duration.observe(time.perf_counter() - started)
+                    count(method, code, started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            streaming_request = handler.stream_stream is not None
+            inner_s = handler.stream_stream if streaming_request else handler.unary_stream
+
+            async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                in_flight.inc()
+                code = "OK"
+                try:
+                    result = inner_s(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    else:  # a coroutine that writes with context.write()
+                        await result
+                except aio.AbortError:
+                    code = code_of(context, "UNKNOWN")
+                    raise
+                except asyncio.CancelledError:
+                    code = cancelled_code(context)
+                    raise
+                except Exception as exc:
+                    code = status_for(exc)[0].name
+                    await fail(exc, context)
+                finally:
+                    in_flight.dec()
+                    duration.observe(time.perf_counter() - started)
+                    count(method, code, started)
+
+            make = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
+            return make(stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+@dataclass
+class Service:
+    """What a service process serves: gRPC servicers (with their full service names) and batchers."""
+
+    name: str
+    metrics: Metrics
+    servicers: list[tuple[Callable[[Any, Any], None], Any, str]] = field(default_factory=list)
+    batchers: list[DynamicBatcher] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)
+
+    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:
+        self.servicers.append((add_to_server, servicer, full_name))
+
+    @property
+    def service_names(self) -> list[str]:
+        return [full_name for _, _, full_name in self.servicers]
+
+
+class GrpcServer:
+    """A started grpc.aio server for one :class:`Service`, with health and reflection."""
+
+    def __init__(self, service: Service, settings: ServiceSettings) -> None:
+        self.service = service
+        self.settings = settings
+        options = [
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = aio.server(interceptors=[ServerInterceptor(service.metrics)], options=options)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for add_to_server, servicer, _ in service.servicers:
+            add_to_server(servicer, self.server)
+        names = [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind, start the batchers and the server, then report SERVING; returns the bound port."""
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC server to {address}")
+        for batcher in self.service.batchers:
+            batcher.start()
+        await self.server.start()
+        for name in ["", *self.service.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``, stop batchers."""
+        await self.health.enter_graceful_shutdown()
+        for batcher in self.service.batchers:
+            batcher.begin_drain()
+        await self.server.stop(grace)
+        for batcher in self.service.batchers:
+            await batcher.stop()
+
+
+async def serve(service: Service, settings: ServiceSettings, port_file: Path | None = None) -> int:
+    """Run ``service`` until SIGTERM or SIGINT; returns the process exit code."""
+    metrics_port = None
+    if settings.metrics_port is not None:
+        metrics_server, _ = serve_metrics(service.metrics.registry, settings.metrics_host, settings.metrics_port)
+        metrics_port = metrics_server.server_port
+    server = GrpcServer(service, settings)
+    port = await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "%s serving %s on %s:%d (metrics: %s)", service.name, ", ".join(service.service_names),
+        settings.host, port, f"http://{settings.metrics_host}:{metrics_port}/metrics" if metrics_port else "off",
+    )
+    if port_file is not None:
+        _write_atomically(port_file, {"service": service.name, "host": settings.host, "port": port, "metrics_port": metrics_port, "models": service.models})
+    await stop.wait()
+    log.info("%s: shutting down, in-flight calls have %.1fs to finish", service.name, settings.grace_period_s)
+    await server.stop(settings.grace_period_s)
+    log.info("%s: stopped", service.name)
+    return 0
+
+
+def _write_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+
+
+def main(
+    prog: str,
+    settings_cls: type[S],
+    build: Callable[[S], Service],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Entry point shared by every service: parse settings once, build, serve.
+
+    A model that cannot be loaded ends the process with exit code 2 and one line naming the file.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run the nnserve {settings_cls.__name__.removesuffix('Settings').lower()} gRPC service.")
+    add_settings_arguments(parser, settings_cls)
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound ports as JSON here once SERVING")
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(settings_cls, args)
+    except ValidationError as exc:
+        parser.error(str(exc))
+    configure_logging(settings.log_level)
+    try:
+        service = build(settings)
+    except (errors.ModelNotFound, errors.ModelLoadError) as exc:
+        log.error("cannot start: %s", exc)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(service, settings, args.port_file))

@@ -1,0 +1,110 @@
+"""Service settings: pydantic-settings classes, one environment prefix per service.
+
+Parsed once in each service's ``main()`` (from flags, then ``NNSERVE_<SERVICE>_*`` variables, then
+defaults) and passed down; nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service shares. Subclasses set the environment prefix and their own limits."""
+
+    model_config = SettingsConfigDict(env_prefix="NNSERVE_", extra="forbid", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to ('0.0.0.0' for all).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
+    metrics_port: int | None = Field(
+        9100, ge=0, le=65535, description="Metrics HTTP port; 0 picks a free one, unset disables it."
+    )
+    model_repository: Path = Field(Path("models"), description="Root of models/<name>/<version>/.")
+    model_version: int | None = Field(None, ge=1, description="Version to serve; default the highest.")
+    providers: list[str] = Field(
+        ["CPUExecutionProvider"],
+        description="onnxruntime execution providers in order of preference, e.g. CUDAExecutionProvider.",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads; 0 uses the CPUs this process may run on."
+    )
+    allow_spinning: bool = Field(False, description="Let onnxruntime threads spin-wait between calls.")
+    max_batch_size: int = Field(64, ge=1, description="Most rows the batcher merges into one model call.")
+    max_delay_ms: float = Field(
+        2.0, ge=0.0, description="Longest a request waits for others to join its batch."
+    )
+    max_queue_size: int = Field(
+        1024, ge=1, description="Requests allowed to wait for the model; beyond it RESOURCE_EXHAUSTED."
+    )
+    batching: bool = Field(True, description="Merge concurrent requests; off runs each request alone.")
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message in or out.")
+    grace_period_s: float = Field(10.0, ge=0.0, description="Time in-flight calls get to finish on SIGTERM.")
+    warmup: bool = Field(True, description="Run the model once per batch size bucket before SERVING.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def threads(self) -> int:
+        """Effective intra-op thread count."""
+        return self.intra_op_threads or available_cpus()
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+class ClassifySettings(ServiceSettings):
+    """Settings of the classify service (environment prefix ``NNSERVE_CLASSIFY_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NNSERVE_CLASSIFY_", extra="forbid", protected_namespaces=())
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(9101, ge=0, le=65535, description="Metrics HTTP port.")
+    model_name: str = Field("classifier", description="Model in the repository to serve.")
+    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
+    default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request leaves it 0.")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[ServiceSettings]) -> None:
+    """One ``--kebab-case`` flag per settings field; flags override environment variables."""
+    prefix = cls.model_config.get("env_prefix", "")
+    for name, info in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.default if not isinstance(info.default, Path) else str(info.default)
+        help_text = f"{info.description or ''} [env {prefix}{name.upper()}; default {default}]"
+        parser.add_argument(flag, dest=f"setting_{name}", default=None, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:
+    """Build ``cls`` from parsed flags (those given), then the environment, then defaults."""
+    given: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        value = getattr(args, f"setting_{name}", None)
+        if value is None:
+            continue
+        if get_origin(info.annotation) is list:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif value.lower() in ("none", "off", "") and type(None) in get_args(info.annotation):
+            value = None
+        given[name] = value
+    return cls(**given)

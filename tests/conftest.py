@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ServiceProcess, make_tiny_classifier, start_service
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding a tiny linear classifier (versions 1 and 2)."""
+    root = tmp_path_factory.mktemp("repository")
+    make_tiny_classifier(root, version=1, seed=1)
+    make_tiny_classifier(root, version=2, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def classify_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The classify service with default settings on the tiny classifier."""
+    server = start_service("services.classify", tiny_repository, tmp_path_factory.mktemp("classify"))
+    yield server
+    server.stop()

@@ -1,0 +1,118 @@
+"""Test helpers: tiny ONNX models in a temporary repository, and real service processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from services.core.manifest import OodCalibration, Manifest, TensorSpec
+from training.data import LABELS, file_sha256
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_classifier(repository: Path, version: int = 1, name: str = "classifier", seed: int = 0) -> Path:
+    """A linear classifier graph (Flatten -> MatMul -> Add) with a valid manifest. Returns its directory."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0, 0.05, size=(784, 10)).astype(np.float32)
+    bias = rng.normal(0, 0.1, size=(10,)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "W"], ["scores"]),
+            helper.make_node("Add", ["scores", "b"], ["logits"]),
+        ],
+        "tiny_classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    directory = repository / name / str(version)
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, directory / "model.onnx")
+    Manifest(
+        name=name,
+        version=version,
+        task="image-classification",
+        sha256=file_sha256(directory / "model.onnx"),
+        opset=18,
+        inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 28, 28])],
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 10])],
+        labels=list(LABELS),
+        ood=OodCalibration(score="energy", threshold=-2.5, calibration="fixed, for tests"),
+    ).write(directory / "manifest.json")
+    return directory
+
+
+@dataclass
+class ServiceProcess:
+    """A service started as its own process, as users run it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int | None
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_service(module: str, repository: Path, workdir: Path, *args: str, timeout: float = 60.0) -> ServiceProcess:
+    """Start ``python -m module`` on free ports and wait until it reports SERVING."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"ports-{time.monotonic_ns()}.json"
+    log_path = port_file.with_suffix(".log")
+    command = [
+        sys.executable, "-m", module, "--port", "0", "--metrics-port", "0",
+        "--model-repository", str(repository), "--port-file", str(port_file), *args,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{module} did not start (exit {proc.poll()}):\n{log_path.read_text()}")
+        time.sleep(0.05)
+    info = json.loads(port_file.read_text())
+    return ServiceProcess(proc=proc, port=info["port"], metrics_port=info["metrics_port"], log_path=log_path)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -1,0 +1,188 @@
+"""ONNX export, checks and the artifact contract (manifest + model card), shared by every model.
+
+The steps every training script runs after training:
+
+1. :func:`export_onnx` writes one self-contained ``model.onnx`` (pinned opset, named inputs and
+   outputs, dynamic batch axis, weights inside the file) and runs ``onnx.checker``.
+2. :func:`check_parity` compares onnxruntime with PyTorch on given inputs.
+3. :func:`write_artifacts` writes ``manifest.json`` (with the file's sha256) and ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from services.core.manifest import MANIFEST_FILE, Manifest, TensorSpec, TrainingInfo
+from training.data import file_sha256
+
+OPSET = 18
+MODEL_FILE = "model.onnx"
+CARD_FILE = "MODEL_CARD.md"
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    output_names: Sequence[str],
+    path: Path,
+    opset: int = OPSET,
+) -> None:
+    """Export ``model`` (called with ``example_inputs`` as positional arguments, in order).
+
+    Input names are the keys of ``example_inputs``; axis 0 of every input is the dynamic batch.
+    """
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    args = tuple(example_inputs.values())
+    # Dynamo names dynamic shapes after the forward() parameters; a tuple keyed by position
+    # works whatever the parameter names are.
+    dynamic_shapes = tuple({0: batch} for _ in args)
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        input_names=list(example_inputs),
+        output_names=list(output_names),
+        opset_version=opset,
+        dynamic_shapes=dynamic_shapes,
+        external_data=False,
+        dynamo=True,
+        verbose=False,
+    )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def onnx_session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session for evaluation."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(
+    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], batch_size: int = 1000
+) -> list[np.ndarray]:
+    """Run ``session`` over ``inputs`` in chunks of ``batch_size`` rows; outputs concatenated."""
+    n = len(next(iter(inputs.values())))
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, n, batch_size):
+        feed = {k: v[start : start + batch_size] for k, v in inputs.items()}
+        chunks.append(session.run(None, feed))
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Result of a torch-vs-onnxruntime comparison."""
+
+    max_abs_diff: float
+    allclose: bool
+    argmax_agreement: float | None
+    rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "allclose_rtol1e-3_atol1e-5": self.allclose,
+            "argmax_agreement": self.argmax_agreement,
+            "rows": self.rows,
+        }
+
+
+def check_parity(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    inputs: Mapping[str, np.ndarray],
+    rtol: float = 1e-3,
+    atol: float = 1e-5,
+    argmax: bool = False,
+    batch_size: int = 1000,
+) -> Parity:
+    """Compare the first output of PyTorch and onnxruntime on ``inputs`` (numpy, batch-first)."""
+    model.eval()
+    session = onnx_session(onnx_path)
+    ours = run_onnx(session, inputs, batch_size)[0]
+    n = len(ours)
+    with torch.no_grad():
+        ref = np.concatenate(
+            [
+                model(*(torch.from_numpy(v[s : s + batch_size]) for v in inputs.values())).numpy()
+                for s in range(0, n, batch_size)
+            ]
+        )
+    agreement = None
+    if argmax:
+        agreement = float((ours.argmax(1) == ref.argmax(1)).mean())
+    return Parity(
+        max_abs_diff=float(np.abs(ours - ref).max()),
+        allclose=bool(np.allclose(ours, ref, rtol=rtol, atol=atol)),
+        argmax_agreement=agreement,
+        rows=n,
+    )
+
+
+def tensor_specs(session: ort.InferenceSession) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs read back from the exported graph (dynamic axes become -1)."""
+    dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
+
+    def spec(arg: Any) -> TensorSpec:
+        shape = [d if isinstance(d, int) else -1 for d in arg.shape]
+        return TensorSpec(name=arg.name, dtype=dtypes[arg.type], shape=shape)  # type: ignore[arg-type]
+
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    """The command that reproduces this run, as a user would type it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    module = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "train"
+    if module in ("", "-c", "__main__"):
+        module = "train"
+    return shlex.join(["python", "-m", f"training.{module}", *args])
+
+
+def training_info(
+    argv: Sequence[str] | None, seed: int, data: str, epochs: int, duration_s: float, **extra: Any
+) -> TrainingInfo:
+    """Provenance block of the manifest."""
+    return TrainingInfo(
+        command=command_line(argv),
+        seed=seed,
+        data=data,
+        epochs=epochs,
+        duration_s=round(duration_s, 1),
+        hardware=f"{platform.machine()} CPU, {torch.get_num_threads()} threads ({platform.processor() or 'unknown'})",
+        torch_version=torch.__version__,
+        **extra,
+    )
+
+
+def write_artifacts(out_dir: Path, fields: Mapping[str, Any], card: str) -> Manifest:
+    """Write ``manifest.json`` from ``fields`` plus the ONNX file's sha256, and the model card.
+
+    ``{sha256}`` in ``card`` is replaced by the checksum.
+    """
+    manifest = Manifest(**fields, sha256=file_sha256(out_dir / MODEL_FILE))
+    manifest.write(out_dir / MANIFEST_FILE)
+    (out_dir / CARD_FILE).write_text(card.replace("{sha256}", manifest.sha256))
+    return manifest
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A small GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Pure ``nn.Module`` definitions; sizes are constructor arguments, nothing trains on import."""
