@@ -1,9 +1,9 @@
 """The ``nnserve`` command: run services, call them, check their health, start the whole suite.
 
-    nnserve up                                  # every service on the shipped models
-    nnserve serve classify --port 50051         # one service (flags or NNSERVE_CLASSIFY_* env)
-    nnserve classify shirt.png --top-k 3        # call it
-    nnserve health 127.0.0.1:50051              # exit 0 when SERVING
+nnserve up                                  # every service on the shipped models
+nnserve serve classify --port 50051         # one service (flags or NNSERVE_CLASSIFY_* env)
+nnserve classify shirt.png --top-k 3        # call it
+nnserve health 127.0.0.1:50051              # exit 0 when SERVING
 """
 
 from __future__ import annotations
@@ -37,7 +37,11 @@ class ServiceSpec:
 
 SERVICES = {
     "classify": ServiceSpec(
-        "classify", "services.classify", 50051, 9101, ("classifier",),
+        "classify",
+        "services.classify",
+        50051,
+        9101,
+        ("classifier",),
         "nnserve classify --address {address} IMAGE.png",
     ),
 }
@@ -98,9 +102,21 @@ def _up(args: argparse.Namespace) -> int:
             continue
         port_file = state / f"{spec.name}.json"
         command = [
-            sys.executable, "-m", spec.module, "--host", args.host, "--port", str(spec.port + args.port_offset),
-            "--metrics-port", str(spec.metrics_port + args.port_offset), "--metrics-host", args.host,
-            "--model-repository", str(repository.root), "--port-file", str(port_file),
+            sys.executable,
+            "-m",
+            spec.module,
+            "--host",
+            args.host,
+            "--port",
+            str(spec.port + args.port_offset),
+            "--metrics-port",
+            str(spec.metrics_port + args.port_offset),
+            "--metrics-host",
+            args.host,
+            "--model-repository",
+            str(repository.root),
+            "--port-file",
+            str(port_file),
         ]
         children.append((spec, subprocess.Popen(command), port_file))
     if not children:
@@ -137,10 +153,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="nnserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run one service (flags after the name: see 'nnserve serve NAME --help')", add_help=False)
+    serve = sub.add_parser(
+        "serve", help="run one service (flags after the name: see 'nnserve serve NAME --help')", add_help=False
+    )
     serve.add_argument("service", choices=sorted(SERVICES))
 
     up = sub.add_parser("up", help="start every service on the shipped models")

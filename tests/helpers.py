@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from services.core.manifest import OodCalibration, Manifest, TensorSpec
+from services.core.manifest import Manifest, OodCalibration, TensorSpec
 from training.data import LABELS, file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,8 +90,18 @@ def start_service(module: str, repository: Path, workdir: Path, *args: str, time
     port_file = workdir / f"ports-{time.monotonic_ns()}.json"
     log_path = port_file.with_suffix(".log")
     command = [
-        sys.executable, "-m", module, "--port", "0", "--metrics-port", "0",
-        "--model-repository", str(repository), "--port-file", str(port_file), *args,
+        sys.executable,
+        "-m",
+        module,
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--model-repository",
+        str(repository),
+        "--port-file",
+        str(port_file),
+        *args,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
     with open(log_path, "wb") as log:

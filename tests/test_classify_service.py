@@ -53,7 +53,9 @@ def probs_of(reply: classify_pb2.ClassifyResponse) -> list[dict[int, float]]:
     return [{p.class_id: p.probability for p in c.predictions} for c in reply.classifications]
 
 
-def test_tensor_and_png_inputs_match_in_process_onnxruntime(classify_server: ServiceProcess, tiny_repository: Path) -> None:
+def test_tensor_and_png_inputs_match_in_process_onnxruntime(
+    classify_server: ServiceProcess, tiny_repository: Path
+) -> None:
     images = sample_images(6)
     expected = reference_probabilities(tiny_repository, 2, images.astype(np.float32)[:, None] / 255.0)
     with ClassifyClient(classify_server.address) as client:
@@ -107,21 +109,81 @@ BAD_REQUESTS = {
     "empty request": (classify_pb2.ClassifyRequest(), "INVALID_ARGUMENT", "images"),
     "undecodable bytes": (classify_pb2.ClassifyRequest(images=[b"not an image"]), "INVALID_ARGUMENT", "images[0]"),
     "empty image bytes": (classify_pb2.ClassifyRequest(images=[b""]), "INVALID_ARGUMENT", "images[0]"),
-    "truncated png": (classify_pb2.ClassifyRequest(images=[png_bytes(np.zeros((28, 28), np.uint8))[:40]]), "INVALID_ARGUMENT", "images[0]"),
-    "wrong shape": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 32, 32], bytes(1024))), "INVALID_ARGUMENT", "tensor.shape"),
-    "zero rows": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [0, 28, 28], b"")), "INVALID_ARGUMENT", "tensor.shape"),
-    "negative dim": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [-3, 28, 28], b"")), "INVALID_ARGUMENT", "tensor.shape"),
-    "rank 5": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 1, 1, 28, 28], GOOD)), "INVALID_ARGUMENT", "tensor.shape"),
-    "unspecified dtype": (classify_pb2.ClassifyRequest(tensor=_tensor(0, [1, 28, 28], GOOD)), "INVALID_ARGUMENT", "tensor.dtype"),
-    "unknown dtype": (classify_pb2.ClassifyRequest(tensor=_tensor(7, [1, 28, 28], GOOD)), "INVALID_ARGUMENT", "tensor.dtype"),
-    "short data": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 28, 28], GOOD[:-1])), "INVALID_ARGUMENT", "tensor.data"),
-    "float data length": (classify_pb2.ClassifyRequest(tensor=_tensor(F32, [1, 28, 28], GOOD)), "INVALID_ARGUMENT", "tensor.data"),
-    "nan": (classify_pb2.ClassifyRequest(tensor=_tensor(F32, [28, 28], np.full((28, 28), np.nan, np.float32).tobytes())), "INVALID_ARGUMENT", "NaN"),
-    "inf": (classify_pb2.ClassifyRequest(tensor=_tensor(F32, [28, 28], np.full((28, 28), np.inf, np.float32).tobytes())), "INVALID_ARGUMENT", "NaN or infinity"),
-    "float out of range": (classify_pb2.ClassifyRequest(tensor=_tensor(F32, [28, 28], np.full((28, 28), 3, np.float32).tobytes())), "INVALID_ARGUMENT", "[0, 1]"),
-    "top_k too large": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 28, 28], GOOD), top_k=11), "INVALID_ARGUMENT", "top_k"),
-    "too many images": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1025, 28, 28], b"")), "INVALID_ARGUMENT", "limit of 1024"),
-    "unknown version": (classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 28, 28], GOOD), model_version=9), "NOT_FOUND", "model_version"),
+    "truncated png": (
+        classify_pb2.ClassifyRequest(images=[png_bytes(np.zeros((28, 28), np.uint8))[:40]]),
+        "INVALID_ARGUMENT",
+        "images[0]",
+    ),
+    "wrong shape": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 32, 32], bytes(1024))),
+        "INVALID_ARGUMENT",
+        "tensor.shape",
+    ),
+    "zero rows": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [0, 28, 28], b"")),
+        "INVALID_ARGUMENT",
+        "tensor.shape",
+    ),
+    "negative dim": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [-3, 28, 28], b"")),
+        "INVALID_ARGUMENT",
+        "tensor.shape",
+    ),
+    "rank 5": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 1, 1, 28, 28], GOOD)),
+        "INVALID_ARGUMENT",
+        "tensor.shape",
+    ),
+    "unspecified dtype": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(0, [1, 28, 28], GOOD)),
+        "INVALID_ARGUMENT",
+        "tensor.dtype",
+    ),
+    "unknown dtype": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(7, [1, 28, 28], GOOD)),
+        "INVALID_ARGUMENT",
+        "tensor.dtype",
+    ),
+    "short data": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 28, 28], GOOD[:-1])),
+        "INVALID_ARGUMENT",
+        "tensor.data",
+    ),
+    "float data length": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(F32, [1, 28, 28], GOOD)),
+        "INVALID_ARGUMENT",
+        "tensor.data",
+    ),
+    "nan": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(F32, [28, 28], np.full((28, 28), np.nan, np.float32).tobytes())),
+        "INVALID_ARGUMENT",
+        "NaN",
+    ),
+    "inf": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(F32, [28, 28], np.full((28, 28), np.inf, np.float32).tobytes())),
+        "INVALID_ARGUMENT",
+        "NaN or infinity",
+    ),
+    "float out of range": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(F32, [28, 28], np.full((28, 28), 3, np.float32).tobytes())),
+        "INVALID_ARGUMENT",
+        "[0, 1]",
+    ),
+    "top_k too large": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 28, 28], GOOD), top_k=11),
+        "INVALID_ARGUMENT",
+        "top_k",
+    ),
+    "too many images": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1025, 28, 28], b"")),
+        "INVALID_ARGUMENT",
+        "limit of 1024",
+    ),
+    "unknown version": (
+        classify_pb2.ClassifyRequest(tensor=_tensor(U8, [1, 28, 28], GOOD), model_version=9),
+        "NOT_FOUND",
+        "model_version",
+    ),
 }
 
 
@@ -164,12 +226,18 @@ def test_concurrent_callers_are_batched_and_counted(classify_server: ServiceProc
     )
     assert ok == 64
     rows = metric_value(after, "nnserve_batch_size_rows_sum") - metric_value(before, "nnserve_batch_size_rows_sum")
-    batches = metric_value(after, "nnserve_batch_size_rows_count") - metric_value(before, "nnserve_batch_size_rows_count")
+    batches = metric_value(after, "nnserve_batch_size_rows_count") - metric_value(
+        before, "nnserve_batch_size_rows_count"
+    )
     assert rows == 64
     assert batches < 64, "no two concurrent requests shared a model call"
     # Some batch held more than one row: the <=1 bucket counts fewer than all batches.
-    assert metric_value(after, "nnserve_batch_size_rows_bucket", le="1.0") < metric_value(after, "nnserve_batch_size_rows_count")
-    assert metric_value(after, "nnserve_model_info", model="classifier", version="2", provider="CPUExecutionProvider") == 1
+    assert metric_value(after, "nnserve_batch_size_rows_bucket", le="1.0") < metric_value(
+        after, "nnserve_batch_size_rows_count"
+    )
+    assert (
+        metric_value(after, "nnserve_model_info", model="classifier", version="2", provider="CPUExecutionProvider") == 1
+    )
 
 
 def test_metrics_pass_promtool(classify_server: ServiceProcess, tmp_path: Path) -> None:
@@ -181,8 +249,10 @@ def test_metrics_pass_promtool(classify_server: ServiceProcess, tmp_path: Path) 
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for name in (
-        "nnserve_grpc_request_duration_seconds_bucket", "nnserve_batch_queue_wait_seconds_bucket",
-        "nnserve_model_inference_duration_seconds_bucket", "nnserve_batch_queue_depth_requests",
+        "nnserve_grpc_request_duration_seconds_bucket",
+        "nnserve_batch_queue_wait_seconds_bucket",
+        "nnserve_model_inference_duration_seconds_bucket",
+        "nnserve_batch_queue_depth_requests",
         "nnserve_grpc_requests_in_flight",
     ):
         assert name in text
@@ -202,7 +272,9 @@ def test_health_is_serving_overall_and_per_service(classify_server: ServiceProce
 def test_reflection_lists_the_services(classify_server: ServiceProcess) -> None:
     with grpc.insecure_channel(classify_server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        replies = list(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        )
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"nnserve.v1.ClassifyService", "grpc.health.v1.Health"} <= names
         request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="nnserve.v1.ClassifyService")
@@ -225,7 +297,15 @@ def test_configured_version_is_served(tiny_repository: Path, tmp_path: Path) -> 
 
 def test_full_queue_is_refused_at_once(tiny_repository: Path, tmp_path: Path) -> None:
     server = start_service(
-        "services.classify", tiny_repository, tmp_path, "--max-queue-size", "4", "--max-delay-ms", "1500", "--max-batch-size", "256",
+        "services.classify",
+        tiny_repository,
+        tmp_path,
+        "--max-queue-size",
+        "4",
+        "--max-delay-ms",
+        "1500",
+        "--max-batch-size",
+        "256",
     )
     try:
         started = time.perf_counter()
@@ -258,7 +338,9 @@ def test_full_queue_is_refused_at_once(tiny_repository: Path, tmp_path: Path) ->
 
 
 def test_expired_deadline_is_not_run(tiny_repository: Path, tmp_path: Path) -> None:
-    server = start_service("services.classify", tiny_repository, tmp_path, "--max-delay-ms", "1000", "--max-batch-size", "256")
+    server = start_service(
+        "services.classify", tiny_repository, tmp_path, "--max-delay-ms", "1000", "--max-batch-size", "256"
+    )
     try:
         with ClassifyClient(server.address) as client:
             with pytest.raises(grpc.RpcError) as caught:
@@ -277,7 +359,15 @@ def test_expired_deadline_is_not_run(tiny_repository: Path, tmp_path: Path) -> N
 def test_graceful_shutdown_finishes_in_flight_calls(tiny_repository: Path, tmp_path: Path) -> None:
     """SIGTERM: health turns NOT_SERVING, new calls are refused, queued calls complete, exit 0."""
     server = start_service(
-        "services.classify", tiny_repository, tmp_path, "--max-delay-ms", "2000", "--max-batch-size", "256", "--grace-period-s", "20",
+        "services.classify",
+        tiny_repository,
+        tmp_path,
+        "--max-delay-ms",
+        "2000",
+        "--max-batch-size",
+        "256",
+        "--grace-period-s",
+        "20",
     )
 
     async def run() -> tuple[list[int], list[object], object]:

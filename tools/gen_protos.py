@@ -30,7 +30,15 @@ def generate(out: Path) -> list[Path]:
     top_level = sorted({s.split("/")[0] for s in sources})
     with tempfile.TemporaryDirectory() as tmp:
         include = Path(protoc.__file__).parent / "_proto"
-        args = ["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *sources]
+        args = [
+            "protoc",
+            f"-I{PROTOS}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *sources,
+        ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         imports = re.compile(rf"^(from|import) ({'|'.join(map(re.escape, top_level))})(\.|\s)", re.M)

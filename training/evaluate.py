@@ -38,9 +38,7 @@ def classifier_logits(model_dir: Path, images: np.ndarray) -> np.ndarray:
 def classifier_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Accuracy, per-class accuracy and the confusion matrix."""
     pred = logits.argmax(axis=1)
-    per_class = {
-        LABELS[c]: round(float((pred[labels == c] == c).mean()), 4) for c in range(len(LABELS))
-    }
+    per_class = {LABELS[c]: round(float((pred[labels == c] == c).mean()), 4) for c in range(len(LABELS))}
     confusion = np.zeros((len(LABELS), len(LABELS)), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
     return {

@@ -1,7 +1,7 @@
 """Train the Fashion-MNIST CNN classifier, export it to ONNX and write its manifest and model card.
 
-    python -m training.train_classifier --epochs 15 --seed 0 --out models/classifier/1
-    python -m training.train_classifier --dry-run        # tiny fake data, seconds
+python -m training.train_classifier --epochs 15 --seed 0 --out models/classifier/1
+python -m training.train_classifier --dry-run        # tiny fake data, seconds
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ def train(model: Classifier, train_split: Split, val_split: Split, args: argpars
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
             if step % 100 == 0:
-                log.info("epoch %d/%d  step %d/%d  loss %.4f", epoch, args.epochs, step, steps_per_epoch, total_loss / seen)
+                log.info(
+                    "epoch %d/%d  step %d/%d  loss %.4f", epoch, args.epochs, step, steps_per_epoch, total_loss / seen
+                )
         val_acc = accuracy(model, val_split)
         row = {
             "epoch": epoch,
@@ -137,7 +139,12 @@ def train(model: Classifier, train_split: Split, val_split: Split, args: argpars
         history.append(row)
         log.info(
             "epoch %d/%d  loss %.4f  train acc %.4f  val acc %.4f  (%.0fs)",
-            epoch, args.epochs, row["train_loss"], row["train_accuracy"], val_acc, row["seconds"],
+            epoch,
+            args.epochs,
+            row["train_loss"],
+            row["train_accuracy"],
+            val_acc,
+            row["seconds"],
         )
     return history
 
@@ -149,10 +156,21 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]]) -> str:
     per_class = markdown_table(["class", "accuracy"], [(k, f"{v:.2%}") for k, v in m["per_class_accuracy"].items()])
     curve = markdown_table(
         ["epoch", "train loss", "train acc", "val acc", "seconds"],
-        [(int(h["epoch"]), f"{h['train_loss']:.4f}", f"{h['train_accuracy']:.4f}", f"{h['val_accuracy']:.4f}", f"{h['seconds']:.0f}") for h in history],
+        [
+            (
+                int(h["epoch"]),
+                f"{h['train_loss']:.4f}",
+                f"{h['train_accuracy']:.4f}",
+                f"{h['val_accuracy']:.4f}",
+                f"{h['seconds']:.0f}",
+            )
+            for h in history
+        ],
     )
-    ood_rows = markdown_table(["input set", "flagged as OOD"], [(k.removesuffix("_flagged"), f"{v:.1%}") for k, v in m["ood"].items()])
-    return f"""# Model card: classifier, version {fields['version']}
+    ood_rows = markdown_table(
+        ["input set", "flagged as OOD"], [(k.removesuffix("_flagged"), f"{v:.1%}") for k, v in m["ood"].items()]
+    )
+    return f"""# Model card: classifier, version {fields["version"]}
 
 A small VGG-style CNN that labels 28x28 grayscale clothing images with one of the ten
 Fashion-MNIST classes. Served by `nnserve serve classify`.
@@ -160,35 +178,35 @@ Fashion-MNIST classes. Served by `nnserve serve classify`.
 ## Architecture
 Two stages of two 3x3 convolutions (32 then 64 channels, batch norm, ReLU) each followed by 2x2
 max pooling, then dropout, a 128-unit hidden layer and 10 logits. Input normalisation
-(mean 0.286, std 0.353) is inside the graph. **{fields['parameters']:,} parameters.**
+(mean 0.286, std 0.353) is inside the graph. **{fields["parameters"]:,} parameters.**
 
-- ONNX opset {fields['opset']}, input `image` float32 [-1, 1, 28, 28] in [0, 1], output `logits` float32 [-1, 10].
+- ONNX opset {fields["opset"]}, input `image` float32 [-1, 1, 28, 28] in [0, 1], output `logits` float32 [-1, 10].
 - sha256 of `model.onnx`: `{{sha256}}`
 
 ## Data
-Fashion-MNIST (Xiao et al. 2017) from `{t['data']}`: 60,000 training images, of which
-{t['val_size']:,} are held out for validation and OOD calibration, and the 10,000-image test set.
+Fashion-MNIST (Xiao et al. 2017) from `{t["data"]}`: 60,000 training images, of which
+{t["val_size"]:,} are held out for validation and OOD calibration, and the 10,000-image test set.
 Augmentation: random horizontal flips and shifts of up to 2 pixels.
 
 ## Training
-`{t['command']}`, seed {t['seed']}, {t['epochs']} epochs, AdamW with a one-cycle learning-rate
-schedule (peak {t['lr']}), label smoothing 0.05, batch {t['batch_size']}; {t['duration_s']:.0f} s on {t['hardware']},
-torch {t['torch_version']}.
+`{t["command"]}`, seed {t["seed"]}, {t["epochs"]} epochs, AdamW with a one-cycle learning-rate
+schedule (peak {t["lr"]}), label smoothing 0.05, batch {t["batch_size"]}; {t["duration_s"]:.0f} s on {t["hardware"]},
+torch {t["torch_version"]}.
 
 {curve}
 
 ![training curves](training_curves.png)
 
 ## Evaluation (10,000 test images, through onnxruntime)
-**Test accuracy {m['accuracy']:.2%}.** Parity with PyTorch on the whole test set: argmax agreement
-{m['parity']['argmax_agreement']:.2%}, max |logit difference| {m['parity']['max_abs_diff']:.2e}
-(rtol 1e-3 / atol 1e-5: {m['parity']['allclose_rtol1e-3_atol1e-5']}).
+**Test accuracy {m["accuracy"]:.2%}.** Parity with PyTorch on the whole test set: argmax agreement
+{m["parity"]["argmax_agreement"]:.2%}, max |logit difference| {m["parity"]["max_abs_diff"]:.2e}
+(rtol 1e-3 / atol 1e-5: {m["parity"]["allclose_rtol1e-3_atol1e-5"]}).
 
 {per_class}
 
 ## Out-of-distribution score
 The score is the energy, `-logsumexp(logits)` (Liu et al., 2020); higher is less like the training
-data. The threshold **{ood['threshold']:.4f}** is the 95th percentile of the score on the held-out
+data. The threshold **{ood["threshold"]:.4f}** is the 95th percentile of the score on the held-out
 validation images, so about 5% of in-distribution images are flagged by design.
 
 {ood_rows}
@@ -254,11 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "metrics": metrics,
         "training": training_info(
-            argv, args.seed, full_train.source, args.epochs, duration,
-            lr=args.lr, batch_size=args.batch_size, val_size=len(val_split), history=history,
+            argv,
+            args.seed,
+            full_train.source,
+            args.epochs,
+            duration,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            val_size=len(val_split),
+            history=history,
         ),
     }
-    card = model_card({**fields, "ood": fields["ood"].model_dump(), "training": fields["training"].model_dump()}, history)
+    card = model_card(
+        {**fields, "ood": fields["ood"].model_dump(), "training": fields["training"].model_dump()}, history
+    )
     manifest = write_artifacts(args.out, fields, card)
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     ok = parity.allclose and parity.argmax_agreement == 1.0

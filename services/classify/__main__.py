@@ -12,7 +12,8 @@ from services.core.batching import DynamicBatcher
 from services.core.metrics import Metrics
 from services.core.repository import ModelRepository
 from services.core.runtime import OnnxModel
-from services.core.server import Service, main as service_main
+from services.core.server import Service
+from services.core.server import main as service_main
 from services.core.settings import ClassifySettings
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 

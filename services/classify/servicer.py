@@ -10,6 +10,7 @@ from services.core.convert import deadline_of, tensor_input
 from services.core.errors import ModelNotFound
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 
+
 class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
     def __init__(self, model: ClassifierModel, batcher: DynamicBatcher, version: int, default_top_k: int) -> None:
         self.model = model
@@ -17,9 +18,13 @@ class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
         self.version = version
         self.default_top_k = default_top_k
 
-    async def Classify(self, request: classify_pb2.ClassifyRequest, context: aio.ServicerContext) -> classify_pb2.ClassifyResponse:
+    async def Classify(
+        self, request: classify_pb2.ClassifyRequest, context: aio.ServicerContext
+    ) -> classify_pb2.ClassifyResponse:
         if request.model_version and request.model_version != self.version:
-            raise ModelNotFound(f"model_version: {request.model_version} is not served here (serving version {self.version})")
+            raise ModelNotFound(
+                f"model_version: {request.model_version} is not served here (serving version {self.version})"
+            )
         k = self.model.top_k(request.top_k, self.default_top_k)
         tensor = tensor_input(request.tensor) if request.HasField("tensor") else None
         batch = self.model.batch(list(request.images), tensor)
@@ -28,8 +33,11 @@ class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
         labels = self.model.labels
         response = classify_pb2.ClassifyResponse(model_name=self.model.manifest.name, model_version=self.version)
         for ids, probs, score, flag in zip(
-            result.class_ids.tolist(), result.probabilities.tolist(), result.ood_scores.tolist(),
-            result.out_of_distribution.tolist(), strict=True,
+            result.class_ids.tolist(),
+            result.probabilities.tolist(),
+            result.ood_scores.tolist(),
+            result.out_of_distribution.tolist(),
+            strict=True,
         ):
             response.classifications.add(
                 predictions=[

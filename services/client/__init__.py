@@ -13,7 +13,9 @@ from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc, tensor_pb
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, round_robin: bool = False) -> list[tuple[str, object]]:
+def channel_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, round_robin: bool = False
+) -> list[tuple[str, object]]:
     """Channel options matching the server's message limit; round_robin spreads calls over every
     address a DNS name resolves to (use a ``dns:///host:port`` target)."""
     options: list[tuple[str, object]] = [
@@ -34,7 +36,9 @@ def tensor_message(images: np.ndarray) -> tensor_pb2.Tensor:
     else:
         raise TypeError(f"images must be uint8 or float32, got {images.dtype}")
     array = np.ascontiguousarray(images)
-    return tensor_pb2.Tensor(dtype=dtype, shape=list(array.shape), data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return tensor_pb2.Tensor(
+        dtype=dtype, shape=list(array.shape), data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    )
 
 
 class ClassifyClient:

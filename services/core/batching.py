@@ -106,7 +106,10 @@ class DynamicBatcher:
         if self._waiting >= self.max_queue_size:
             if self._metrics:
                 self._metrics.queue_full.inc()
-            raise Overloaded(f"queue for model {self.name} is full (max_queue_size={self.max_queue_size} requests waiting); retry later")
+            raise Overloaded(
+                f"queue for model {self.name} is full "
+                f"(max_queue_size={self.max_queue_size} requests waiting); retry later"
+            )
         rows = len(next(iter(inputs.values())))
         request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
         self._queue.append(request)
@@ -165,7 +168,9 @@ class DynamicBatcher:
                 if self._metrics:
                     self._metrics.deadline.inc()
                 request.future.set_exception(
-                    DeadlineExpired(f"deadline expired after {now - request.enqueued:.3f}s in the queue, before inference")
+                    DeadlineExpired(
+                        f"deadline expired after {now - request.enqueued:.3f}s in the queue, before inference"
+                    )
                 )
             else:
                 runnable.append(request)

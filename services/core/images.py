@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,7 +20,7 @@ SIZE = 28
 # Refuse decompression bombs early: far above any sensible input, far below what exhausts memory.
 MAX_PIXELS = 40_000_000
 
-_DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
 
 @dataclass(frozen=True)
@@ -43,19 +44,26 @@ def decode_image(data: bytes, field: str, size: int = SIZE, invert_light_backgro
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise InvalidInput(field, f"image is {width}x{height}, over the limit of {MAX_PIXELS} pixels")
             image = ImageOps.exif_transpose(image)
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 # Composite transparent images onto white, as they are usually displayed.
-                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, image.convert("RGBA"))
+                white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, image.convert("RGBA"))
             gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise InvalidInput(field, f"cannot decode image bytes ({len(data)} bytes): {exc}") from None
     if gray.size == 0:
         raise InvalidInput(field, "image has no pixels")
@@ -72,7 +80,9 @@ def decode_image(data: bytes, field: str, size: int = SIZE, invert_light_backgro
         square[top : top + h, left : left + w] = gray
         gray = square
     if gray.shape != (size, size):
-        resized = Image.fromarray((gray * 255.0).round().astype(np.uint8), mode="L").resize((size, size), Image.LANCZOS)
+        resized = Image.fromarray((gray * 255.0).round().astype(np.uint8), mode="L").resize(
+            (size, size), Image.Resampling.LANCZOS
+        )
         gray = np.asarray(resized, dtype=np.float32) / 255.0
     return gray
 
@@ -99,7 +109,9 @@ def tensor_to_images(dtype: str, shape: list[int] | tuple[int, ...], data: bytes
     elif len(shape) == 3:
         shape = [shape[0], 1, shape[1], shape[2]]
     if len(shape) != 4 or shape[1:] != [1, SIZE, SIZE] or shape[0] < 1:
-        raise InvalidInput(f"{field}.shape", f"must be [N,{SIZE},{SIZE}] or [N,1,{SIZE},{SIZE}] with N >= 1, got {list(shape)}")
+        raise InvalidInput(
+            f"{field}.shape", f"must be [N,{SIZE},{SIZE}] or [N,1,{SIZE},{SIZE}] with N >= 1, got {list(shape)}"
+        )
     expected = int(np.prod(shape)) * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(f"{field}.data", f"has {len(data)} bytes, shape {shape} of {dtype} needs {expected}")

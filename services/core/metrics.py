@@ -16,7 +16,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -28,50 +43,80 @@ class Metrics:
         self.registry = registry
         self.service = service
         self.requests = Counter(
-            "nnserve_grpc_requests_total", "gRPC calls handled, by final status code.",
-            ["service", "method", "code"], registry=registry,
+            "nnserve_grpc_requests_total",
+            "gRPC calls handled, by final status code.",
+            ["service", "method", "code"],
+            registry=registry,
         )
         self.request_duration = Histogram(
-            "nnserve_grpc_request_duration_seconds", "Time from receiving a gRPC call to its reply.",
-            ["service", "method"], buckets=DURATION_BUCKETS, registry=registry,
+            "nnserve_grpc_request_duration_seconds",
+            "Time from receiving a gRPC call to its reply.",
+            ["service", "method"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "nnserve_grpc_requests_in_flight", "gRPC calls being handled now.", ["service"], registry=registry,
+            "nnserve_grpc_requests_in_flight",
+            "gRPC calls being handled now.",
+            ["service"],
+            registry=registry,
         )
         self.queue_wait = Histogram(
-            "nnserve_batch_queue_wait_seconds", "Time a request waited in the batcher's queue.",
-            ["service", "model"], buckets=DURATION_BUCKETS, registry=registry,
+            "nnserve_batch_queue_wait_seconds",
+            "Time a request waited in the batcher's queue.",
+            ["service", "model"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
         )
         self.inference_duration = Histogram(
-            "nnserve_model_inference_duration_seconds", "Duration of one model call (one batch).",
-            ["service", "model"], buckets=DURATION_BUCKETS, registry=registry,
+            "nnserve_model_inference_duration_seconds",
+            "Duration of one model call (one batch).",
+            ["service", "model"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "nnserve_batch_size_rows", "Rows (images or samples) per model call.",
-            ["service", "model"], buckets=BATCH_BUCKETS, registry=registry,
+            "nnserve_batch_size_rows",
+            "Rows (images or samples) per model call.",
+            ["service", "model"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            "nnserve_batch_queue_depth_requests", "Requests waiting in the batcher's queue.",
-            ["service", "model"], registry=registry,
+            "nnserve_batch_queue_depth_requests",
+            "Requests waiting in the batcher's queue.",
+            ["service", "model"],
+            registry=registry,
         )
         self.rows = Counter(
-            "nnserve_model_inference_rows_total", "Rows (images or samples) run through the model.",
-            ["service", "model"], registry=registry,
+            "nnserve_model_inference_rows_total",
+            "Rows (images or samples) run through the model.",
+            ["service", "model"],
+            registry=registry,
         )
         self.batches = Counter(
-            "nnserve_model_executions_total", "Model calls (batches) executed.",
-            ["service", "model"], registry=registry,
+            "nnserve_model_executions_total",
+            "Model calls (batches) executed.",
+            ["service", "model"],
+            registry=registry,
         )
         self.failures = Counter(
-            "nnserve_model_failures_total", "Model calls that raised.", ["service", "model"], registry=registry,
+            "nnserve_model_failures_total",
+            "Model calls that raised.",
+            ["service", "model"],
+            registry=registry,
         )
         self.rejected = Counter(
-            "nnserve_batch_rejected_total", "Requests refused or dropped by the batcher, by reason.",
-            ["service", "model", "reason"], registry=registry,
+            "nnserve_batch_rejected_total",
+            "Requests refused or dropped by the batcher, by reason.",
+            ["service", "model", "reason"],
+            registry=registry,
         )
         self.model_info = Gauge(
-            "nnserve_model_info", "The model version being served (value 1).",
-            ["service", "model", "version", "provider"], registry=registry,
+            "nnserve_model_info",
+            "The model version being served (value 1).",
+            ["service", "model", "version", "provider"],
+            registry=registry,
         )
 
     def for_model(self, model: str) -> ModelMetrics:

@@ -64,7 +64,9 @@ class ModelRepository:
         """Names of the models that have at least one version."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and self.versions(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and self.versions(p.name)
+        )
 
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """Load and verify ``name`` at ``version`` (default: the highest present).

@@ -14,7 +14,14 @@ from services.core.repository import ModelVersion
 
 log = logging.getLogger(__name__)
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "uint8": np.uint8, "bool": np.bool_}
+_NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
 
 
 def choose_providers(requested: Iterable[str]) -> list[str]:
@@ -25,7 +32,9 @@ def choose_providers(requested: Iterable[str]) -> list[str]:
         if provider in available:
             chosen.append(provider)
         else:
-            log.warning("execution provider %s is not available here (have %s); skipping it", provider, sorted(available))
+            log.warning(
+                "execution provider %s is not available here (have %s); skipping it", provider, sorted(available)
+            )
     if "CPUExecutionProvider" not in chosen:
         if not chosen:
             log.warning("none of the requested providers is available; falling back to CPUExecutionProvider")
@@ -67,7 +76,11 @@ class OnnxModel:
         self.output_names = [spec.name for spec in self.manifest.outputs]
         log.info(
             "loaded %s/%d from %s on %s with %d intra-op threads",
-            version.name, version.version, version.onnx_path, self.providers[0], intra_op_threads,
+            version.name,
+            version.version,
+            version.onnx_path,
+            self.providers[0],
+            intra_op_threads,
         )
 
     def _check_signature(self) -> None:

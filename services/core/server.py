@@ -243,11 +243,24 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "%s serving %s on %s:%d (metrics: %s)", service.name, ", ".join(service.service_names),
-        settings.host, port, f"http://{settings.metrics_host}:{metrics_port}/metrics" if metrics_port else "off",
+        "%s serving %s on %s:%d (metrics: %s)",
+        service.name,
+        ", ".join(service.service_names),
+        settings.host,
+        port,
+        f"http://{settings.metrics_host}:{metrics_port}/metrics" if metrics_port else "off",
     )
     if port_file is not None:
-        _write_atomically(port_file, {"service": service.name, "host": settings.host, "port": port, "metrics_port": metrics_port, "models": service.models})
+        _write_atomically(
+            port_file,
+            {
+                "service": service.name,
+                "host": settings.host,
+                "port": port,
+                "metrics_port": metrics_port,
+                "models": service.models,
+            },
+        )
     await stop.wait()
     log.info("%s: shutting down, in-flight calls have %.1fs to finish", service.name, settings.grace_period_s)
     await server.stop(settings.grace_period_s)
@@ -265,8 +278,6 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-
-
 def main(
     prog: str,
     settings_cls: type[S],
@@ -277,7 +288,9 @@ def main(
 
     A model that cannot be loaded ends the process with exit code 2 and one line naming the file.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=f"Run the nnserve {settings_cls.__name__.removesuffix('Settings').lower()} gRPC service.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=f"Run the nnserve {settings_cls.__name__.removesuffix('Settings').lower()} gRPC service."
+    )
     add_settings_arguments(parser, settings_cls)
     parser.add_argument("--port-file", type=Path, default=None, help="write the bound ports as JSON here once SERVING")
     args = parser.parse_args(argv)
