@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("service", choices=sorted(SERVICES))
 
+    sub.add_parser("loadtest", help="load-test a service (see 'nnserve loadtest --help')", add_help=False)
+
     up = sub.add_parser("up", help="start every service on the shipped models")
     up.add_argument("--model-repository", default=os.environ.get("NNSERVE_MODEL_REPOSITORY", "models"))
     up.add_argument("--host", default="127.0.0.1")
@@ -188,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.command == "serve":
         return _serve(args, rest)
+    if args.command == "loadtest":
+        from services.loadtest import main as loadtest_main
+
+        return loadtest_main(rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"classify": _classify, "health": _health, "up": _up}

@@ -47,3 +47,59 @@ def test_idx_reader_round_trip(tmp_path: Path) -> None:
     with gzip.open(path, "wb") as f:
         f.write(header + images.tobytes())
     np.testing.assert_array_equal(read_idx(path), images)
+
+
+def _check_artifact(out: Path, name: str) -> Manifest:
+    manifest = Manifest.read(out / "manifest.json")
+    assert manifest.name == name
+    assert manifest.metrics["parity"]["allclose_rtol1e-3_atol1e-5"] is True
+    version = ModelRepository(out.parent.parent).resolve(name)
+    assert version.manifest == manifest
+    assert manifest.sha256 in (out / "MODEL_CARD.md").read_text()
+    return manifest
+
+
+def test_autoencoder_dry_run(tmp_path: Path) -> None:
+    from training import train_autoencoder
+
+    out = tmp_path / "autoencoder" / "1"
+    assert train_autoencoder.main(["--dry-run", "--out", str(out)]) == 0
+    manifest = _check_artifact(out, "autoencoder")
+    assert [s.name for s in manifest.inputs] == ["image", "mask"]
+    assert manifest.ood is not None and manifest.ood.score == "reconstruction_mse"
+    assert (out / "before_after.png").exists()
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    restored = session.run(
+        None, {"image": np.full((3, 1, 28, 28), 0.5, np.float32), "mask": np.zeros((3, 1, 28, 28), np.float32)}
+    )[0]
+    assert restored.shape == (3, 1, 28, 28) and 0.0 <= restored.min() and restored.max() <= 1.0
+
+
+def test_gan_dry_run(tmp_path: Path) -> None:
+    from training import train_gan
+
+    out = tmp_path / "gan_generator" / "1"
+    assert train_gan.main(["--dry-run", "--out", str(out)]) == 0
+    manifest = _check_artifact(out, "gan_generator")
+    assert [(s.name, s.dtype) for s in manifest.inputs] == [("z", "float32"), ("label", "int64")]
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    z = np.random.default_rng(0).standard_normal((4, manifest.extra["latent_dim"])).astype(np.float32)
+    a = session.run(None, {"z": z, "label": np.arange(4)})[0]
+    b = session.run(None, {"z": z, "label": np.arange(4)})[0]
+    assert a.shape == (4, 1, 28, 28) and np.array_equal(a, b)  # no randomness inside the graph
+    assert (out / "sample_grid.png").exists()
+
+
+def test_diffusion_dry_run(tmp_path: Path) -> None:
+    from training import train_diffusion
+
+    out = tmp_path / "diffusion_denoiser" / "1"
+    args = ["--dry-run", "--out", str(out), "--widths", "8", "8", "8", "--checkpoint", str(tmp_path / "ckpt.pt")]
+    assert train_diffusion.main(args) == 0
+    manifest = _check_artifact(out, "diffusion_denoiser")
+    extra = manifest.extra
+    assert len(extra["alphas_cumprod"]) == extra["num_train_timesteps"] == 1000
+    assert extra["prediction_type"] == "epsilon" and extra["null_class"] == 10
+    assert [(s.name, s.dtype) for s in manifest.inputs] == [("x_t", "float32"), ("t", "int64"), ("label", "int64")]
+    # --export-only re-exports from the checkpoint without training
+    assert train_diffusion.main([*args, "--export-only"]) == 0

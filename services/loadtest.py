@@ -1,0 +1,305 @@
+"""``nnserve loadtest``: closed- or open-loop gRPC load against an nnserve service.
+
+    nnserve loadtest 127.0.0.1:50051 --concurrency 16 --duration 10
+    nnserve loadtest 127.0.0.1:50051 --images-per-request 64 --concurrency 4 --json out.json
+    nnserve loadtest 127.0.0.1:50051 --rate 2000 --arrivals poisson --duration 10
+
+Closed loop: N callers, each sends its next request when the last one returns. Open loop: requests
+start at a fixed rate (constant or Poisson arrivals) whatever the server does, and latency counts
+from the *intended* start, so a server that falls behind cannot hide its queueing (no coordinated
+omission). Latencies go into a log-bucketed histogram (1% resolution); the report gives requests/s,
+images/s, p50/p90/p99/p99.9/max and errors by status code, as a table or JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import random
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from services.client import channel_options, tensor_message
+from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
+
+
+class Histogram:
+    """Latency histogram with logarithmic buckets: relative error under 1% from 1 us to 1000 s."""
+
+    BASE = 1.01
+    MIN = 1e-6
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+        self.max = 0.0
+        self.total = 0
+
+    def record(self, seconds: float) -> None:
+        self.counts[max(0, int(math.log(max(seconds, self.MIN) / self.MIN, self.BASE)))] += 1
+        self.max = max(self.max, seconds)
+        self.total += 1
+
+    def merge(self, other: Histogram) -> None:
+        self.counts.update(other.counts)
+        self.max = max(self.max, other.max)
+        self.total += other.total
+
+    def quantile(self, q: float) -> float:
+        if not self.total:
+            return float("nan")
+        rank, seen = q * self.total, 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                # the bucket's geometric midpoint, capped by the true maximum
+                return min(self.MIN * self.BASE ** (bucket + 0.5), self.max)
+        return self.max
+
+    def to_state(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "max": self.max, "total": self.total}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Histogram:
+        h = cls()
+        h.counts = Counter({int(k): v for k, v in state["counts"].items()})
+        h.max, h.total = state["max"], state["total"]
+        return h
+
+
+@dataclass
+class Result:
+    """What one load run measured."""
+
+    histogram: Histogram = field(default_factory=Histogram)
+    codes: Counter[str] = field(default_factory=Counter)
+    images: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: Result) -> None:
+        self.histogram.merge(other.histogram)
+        self.codes.update(other.codes)
+        self.images += other.images
+        self.seconds = max(self.seconds, other.seconds)
+
+    def report(self, config: dict[str, Any]) -> dict[str, Any]:
+        ok = self.codes.get("OK", 0)
+        h = self.histogram
+        return {
+            "config": config,
+            "seconds": round(self.seconds, 3),
+            "requests": sum(self.codes.values()),
+            "ok": ok,
+            "requests_per_s": round(ok / self.seconds, 1) if self.seconds else 0.0,
+            "images_per_s": round(self.images / self.seconds, 1) if self.seconds else 0.0,
+            "latency_ms": {
+                name: round(h.quantile(q) * 1000, 3)
+                for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))
+            }
+            | {"max": round(h.max * 1000, 3)},
+            "errors": {k: v for k, v in self.codes.items() if k != "OK"},
+        }
+
+
+def build_request(args: argparse.Namespace) -> classify_pb2.ClassifyRequest:
+    """The payload every call sends: sample images, random pixels, or files given on the command line."""
+    n = args.images_per_request
+    if args.payload == "files":
+        images = [Path(p).read_bytes() for p in args.files]
+        return classify_pb2.ClassifyRequest(images=(images * n)[:n] if n else images, top_k=1)
+    if args.payload == "samples":
+        from services.core.images import decode_images
+
+        files = sorted(Path(args.samples_dir).glob("*.png"))
+        if not files:
+            raise SystemExit(f"no PNG files in {args.samples_dir}")
+        pixels = decode_images([f.read_bytes() for f in files])
+        batch = (pixels[np.arange(n) % len(pixels)] * 255).round().astype(np.uint8)
+    else:
+        batch = np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    return classify_pb2.ClassifyRequest(tensor=tensor_message(batch), top_k=1)
+
+
+async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: int) -> Result:
+    request = build_request(args)
+    images = args.images_per_request if args.payload != "files" else len(request.images)
+    channels = [grpc.aio.insecure_channel(args.target, options=channel_options()) for _ in range(args.channels)]
+    stubs = [classify_pb2_grpc.ClassifyServiceStub(c) for c in channels]
+    result = Result()
+    loop = asyncio.get_running_loop()
+    measure_from = loop.time() + args.warmup
+    stop_at = measure_from + args.duration
+    budget = [args.requests or -1]
+
+    async def call(stub: Any, intended: float) -> None:
+        try:
+            await stub.Classify(request, timeout=args.timeout)
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        done = loop.time()
+        if intended >= measure_from and done <= stop_at + args.timeout:
+            result.codes[code] += 1
+            if code == "OK":
+                result.histogram.record(done - intended)
+                result.images += images
+
+    def more() -> bool:
+        if loop.time() >= stop_at or budget[0] == 0:
+            return False
+        if budget[0] > 0 and loop.time() >= measure_from:
+            budget[0] -= 1
+        return True
+
+    async def closed_caller(i: int) -> None:
+        stub = stubs[i % len(stubs)]
+        while more():
+            await call(stub, loop.time())
+
+    async def open_loop() -> None:
+        rng = random.Random(seed)
+        pending: set[asyncio.Task[None]] = set()
+        next_at, i = loop.time(), 0
+        while more():
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = loop.create_task(call(stubs[i % len(stubs)], next_at))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+            next_at += rng.expovariate(rate) if args.arrivals == "poisson" else 1.0 / rate
+        if pending:
+            await asyncio.wait(pending)
+
+    progress = loop.create_task(_progress(result, measure_from, stop_at, args.quiet))
+    started = loop.time()
+    if rate > 0:
+        await open_loop()
+    else:
+        await asyncio.gather(*(closed_caller(i) for i in range(concurrency)))
+    result.seconds = min(loop.time(), stop_at) - max(measure_from, started)
+    progress.cancel()
+    for c in channels:
+        await c.close()
+    return result
+
+
+async def _progress(result: Result, measure_from: float, stop_at: float, quiet: bool) -> None:
+    if quiet:
+        return
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        now = loop.time()
+        if now < measure_from:
+            print(f"  warming up ({measure_from - now:.0f}s left)", file=sys.stderr, flush=True)
+            continue
+        elapsed = now - measure_from
+        ok = result.codes.get("OK", 0)
+        print(
+            f"  {min(elapsed, stop_at - measure_from):5.1f}s  {ok / max(elapsed, 1e-9):9.1f} req/s  "
+            f"p99 {result.histogram.quantile(0.99) * 1000:7.2f} ms  errors {sum(result.codes.values()) - ok}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _worker(args: argparse.Namespace, concurrency: int, rate: float, seed: int) -> dict[str, Any]:
+    r = asyncio.run(_run(args, concurrency, rate, seed))
+    return {"histogram": r.histogram.to_state(), "codes": dict(r.codes), "images": r.images, "seconds": r.seconds}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the load described by ``args`` (possibly in several processes) and return the report."""
+    processes = max(1, args.processes)
+    shares = [args.concurrency // processes + (1 if i < args.concurrency % processes else 0) for i in range(processes)]
+    rate = args.rate / processes if args.rate else 0.0
+    if processes == 1:
+        parts = [_worker(args, shares[0], rate, 0)]
+    else:
+        args.quiet = True
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            parts = pool.starmap(_worker, [(args, shares[i], rate, i) for i in range(processes)])
+    total = Result()
+    for part in parts:
+        total.merge(
+            Result(Histogram.from_state(part["histogram"]), Counter(part["codes"]), part["images"], part["seconds"])
+        )
+    config = {
+        "target": args.target,
+        "rpc": "Classify",
+        "mode": "open" if args.rate else "closed",
+        "concurrency": args.concurrency,
+        "rate": args.rate,
+        "arrivals": args.arrivals if args.rate else None,
+        "images_per_request": args.images_per_request,
+        "payload": args.payload,
+        "channels": args.channels,
+        "processes": processes,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+    }
+    return total.report(config)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    c, lat = report["config"], report["latency_ms"]
+    load = f"rate {c['rate']}/s ({c['arrivals']})" if c["mode"] == "open" else f"concurrency {c['concurrency']}"
+    header = (
+        f"{c['rpc']} on {c['target']}: {c['mode']} loop, {load}, "
+        f"{c['images_per_request']} image(s) per request, {report['seconds']:.1f}s measured"
+    )
+    lines = [
+        header,
+        f"  requests/s {report['requests_per_s']:>10.1f}    images/s {report['images_per_s']:>10.1f}"
+        f"    ok {report['ok']}",
+        "  latency ms " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()),
+        f"  errors     {report['errors'] or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="host:port of a classify service")
+    p.add_argument("--concurrency", "-c", type=int, default=16, help="closed loop: callers")
+    p.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (0: closed loop)")
+    p.add_argument("--arrivals", choices=["constant", "poisson"], default="poisson")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured, after the warm-up")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--requests", type=int, default=0, help="stop after this many measured requests (0: no limit)")
+    p.add_argument("--images-per-request", "-n", type=int, default=1)
+    p.add_argument("--payload", choices=["random", "samples", "files"], default="random")
+    p.add_argument("--samples-dir", default="examples/images")
+    p.add_argument("--files", nargs="*", default=[])
+    p.add_argument("--channels", type=int, default=4, help="gRPC channels per process")
+    p.add_argument("--processes", type=int, default=1, help="client processes, so the client is not the bottleneck")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="nnserve loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    args = p.parse_args(argv)
+    report = run(args)
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Diffusion: noise schedules and losses as pure functions, and the reference sampler."""
