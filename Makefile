@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: up test test-fast system-deps protos lint train-classifier clean
+.PHONY: up test test-fast system-deps protos lint train-classifier triton-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,16 @@ $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 up: $(VENV)/.installed-serve
 	$(BIN)/nnserve up
 
-test: system-deps $(VENV)/.installed-all
+test: system-deps $(VENV)/.installed-all triton-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Triton's client and perf_analyzer need protobuf<7, so they get a venv of their own.
+TRITON_VENV ?= .venv-triton
+triton-venv: $(TRITON_VENV)/.installed
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q "tritonclient[grpc]==2.50.0" "protobuf<7" numpy nvidia-cuda-runtime-cu12
+	touch $@
 
 test-fast: $(VENV)/.installed-all
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -43,4 +51,4 @@ train-classifier: system-deps $(VENV)/.installed-all
 	$(BIN)/python -m training.train_classifier --epochs 15 --seed 0 --out models/classifier/1
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) runs .pytest_cache .mypy_cache .ruff_cache

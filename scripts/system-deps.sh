@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian packages the test suite needs: the Fashion-MNIST IDX files (and promtool for metric checks).
+# Debian packages the test suite needs: the Fashion-MNIST IDX files, promtool for metric checks,
+# and libb64 for Triton's perf_analyzer.
 # Installs only what is missing; needs root (or sudo).
 set -euo pipefail
 need=()
 [ -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+ldconfig -p 2>/dev/null | grep -q libb64.so.0d || need+=(libb64-0d)  # perf_analyzer
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

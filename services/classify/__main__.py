@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from services.classify.model import ClassifierModel
 from services.classify.servicer import ClassifyServicer
+from services.core import oip
 from services.core.batching import DynamicBatcher
 from services.core.metrics import Metrics
 from services.core.repository import ModelRepository
@@ -41,6 +42,10 @@ def build(settings: ClassifySettings, registry: CollectorRegistry | None = None)
     service = Service(name="classify", metrics=metrics, batchers=[batcher], models={version.name: str(version.version)})
     servicer = ClassifyServicer(model, batcher, version.version, settings.default_top_k)
     service.add_servicer(classify_pb2_grpc.add_ClassifyServiceServicer_to_server, servicer, SERVICE_NAME)
+    hosted = oip.HostedModel(version.manifest, batcher, runtime.provider)
+    service.add_servicer(
+        oip.add_to_server, oip.InferenceServicer([hosted], settings.max_images_per_request), oip.SERVICE_NAME
+    )
     return service
 
 

@@ -31,8 +31,35 @@ from services.core.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
+# A server sees a call's deadline a little after the client set it (the call's transit time), so
+# a call cancelled this close to its deadline is counted as timed out rather than abandoned.
+DEADLINE_SLACK_S = 0.1
+
 Arrays = Mapping[str, np.ndarray]
 Predict = Callable[[Arrays], dict[str, np.ndarray]]
+
+
+@dataclass
+class BatchStats:
+    """Plain counters kept beside the Prometheus metrics, for the OIP ModelStatistics call.
+
+    Durations are nanoseconds. ``success``/``fail`` count requests (from queueing to their
+    result); ``rows`` and ``batches`` count model work; ``by_batch_size`` maps a batch's row count
+    to (executions, compute ns).
+    """
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    rows: int = 0
+    batches: int = 0
+    last_inference_ms: int = 0
+    by_batch_size: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -71,11 +98,17 @@ class DynamicBatcher:
         self._accepting = False
         self._flush = False
         self._waiting = 0  # admitted requests not yet running: the bounded quantity
+        self.stats = BatchStats()
 
     @property
     def queue_depth(self) -> int:
         """Admitted requests that have not started running."""
         return self._waiting
+
+    @property
+    def accepting(self) -> bool:
+        """Started and not shutting down."""
+        return self._accepting
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -162,9 +195,12 @@ class DynamicBatcher:
         for request in batch:
             expired = request.deadline is not None and now >= request.deadline
             if request.future.done():  # gRPC cancelled the call: the client went away or its deadline passed
+                timed_out = request.deadline is not None and now >= request.deadline - DEADLINE_SLACK_S
+                self._count_failure(request, now)
                 if self._metrics:
-                    (self._metrics.deadline if expired else self._metrics.cancelled).inc()
+                    (self._metrics.deadline if timed_out else self._metrics.cancelled).inc()
             elif expired:
+                self._count_failure(request, now)
                 if self._metrics:
                     self._metrics.deadline.inc()
                 request.future.set_exception(
@@ -176,6 +212,10 @@ class DynamicBatcher:
                 runnable.append(request)
         return runnable
 
+    def _count_failure(self, request: _Request, now: float) -> None:
+        self.stats.fail_count += 1
+        self.stats.fail_ns += int((now - request.enqueued) * 1e9)
+
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         if len(batch) == 1:
             inputs = batch[0].inputs
@@ -184,21 +224,38 @@ class DynamicBatcher:
         rows = sum(r.rows for r in batch)
         started = time.perf_counter()
         m = self._metrics
-        if m:
-            for request in batch:
+        stats = self.stats
+        for request in batch:
+            stats.queue_ns += int((started - request.enqueued) * 1e9)
+            if m:
                 m.queue_wait.observe(started - request.enqueued)
+        stats.queue_count += len(batch)
         try:
             outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
         except Exception:
             log.exception("model %s failed on a batch of %d rows from %d requests", self.name, rows, len(batch))
             if m:
                 m.failures.inc()
+            now = time.perf_counter()
             for request in batch:
+                self._count_failure(request, now)
                 if not request.future.done():
                     request.future.set_exception(InferenceFailed(f"model {self.name} failed on this batch"))
             return
+        finished = time.perf_counter()
+        compute_ns = int((finished - started) * 1e9)
+        stats.compute_count += 1
+        stats.compute_ns += compute_ns
+        stats.rows += rows
+        stats.batches += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        per_size = stats.by_batch_size.setdefault(rows, [0, 0])
+        per_size[0] += 1
+        per_size[1] += compute_ns
+        stats.success_count += len(batch)
+        stats.success_ns += sum(int((finished - r.enqueued) * 1e9) for r in batch)
         if m:
-            m.inference_duration.observe(time.perf_counter() - started)
+            m.inference_duration.observe(finished - started)
             m.batch_size.observe(rows)
             m.rows.inc(rows)
             m.batches.inc()

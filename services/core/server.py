@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from services.core import errors
-from services.core.batching import DynamicBatcher
+from services.core.batching import DEADLINE_SLACK_S, DynamicBatcher
 from services.core.metrics import Metrics, serve_metrics
 from services.core.settings import S, ServiceSettings, add_settings_arguments, settings_from_args
 
@@ -101,8 +101,10 @@ class ServerInterceptor(aio.ServerInterceptor):
             await context.abort(code, message)
 
         def cancelled_code(context: aio.ServicerContext) -> str:
+            # The server's copy of the deadline runs a little behind the client's (it starts when
+            # the call arrives), so a call cancelled within DEADLINE_SLACK_S of it timed out.
             remaining = context.time_remaining()
-            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
 
         def code_of(context: aio.ServicerContext, default: str) -> str:
             code = context.code()

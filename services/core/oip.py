@@ -1,0 +1,274 @@
+"""The Open Inference Protocol (KServe v2 gRPC) over the models a service hosts.
+
+Every service registers :class:`InferenceServicer` beside its typed API, on the same port, so
+Triton's and KServe's clients and load tools work against nnserve. ModelInfer goes through the
+same dynamic batcher (and so the same metrics) as the typed API; ModelStatistics reads the
+batcher's counters, which are updated at the same points as the Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from grpc import aio
+
+from services.core.batching import DynamicBatcher
+from services.core.convert import deadline_of
+from services.core.errors import InvalidInput, ModelNotFound
+from services.core.manifest import Manifest, TensorSpec
+from services.proto.inference import grpc_service_pb2 as pb
+from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
+from services.proto.inference import model_config_pb2 as config_pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["model_configuration", "statistics"]
+
+
+@dataclass(frozen=True)
+class _DType:
+    name: str  # OIP datatype
+    numpy: np.dtype[Any]
+    contents: str  # InferTensorContents field
+    config: config_pb.DataType  # Triton DataType enum
+
+
+_DTYPES = [
+    _DType("BOOL", np.dtype(np.bool_), "bool_contents", config_pb.TYPE_BOOL),
+    _DType("UINT8", np.dtype(np.uint8), "uint_contents", config_pb.TYPE_UINT8),
+    _DType("UINT16", np.dtype("<u2"), "uint_contents", config_pb.TYPE_UINT16),
+    _DType("UINT32", np.dtype("<u4"), "uint_contents", config_pb.TYPE_UINT32),
+    _DType("UINT64", np.dtype("<u8"), "uint64_contents", config_pb.TYPE_UINT64),
+    _DType("INT8", np.dtype(np.int8), "int_contents", config_pb.TYPE_INT8),
+    _DType("INT16", np.dtype("<i2"), "int_contents", config_pb.TYPE_INT16),
+    _DType("INT32", np.dtype("<i4"), "int_contents", config_pb.TYPE_INT32),
+    _DType("INT64", np.dtype("<i8"), "int64_contents", config_pb.TYPE_INT64),
+    _DType("FP16", np.dtype("<f2"), "", config_pb.TYPE_FP16),
+    _DType("FP32", np.dtype("<f4"), "fp32_contents", config_pb.TYPE_FP32),
+    _DType("FP64", np.dtype("<f8"), "fp64_contents", config_pb.TYPE_FP64),
+]
+BY_OIP_NAME = {d.name: d for d in _DTYPES}
+BY_MANIFEST = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+}
+
+
+@dataclass
+class HostedModel:
+    """One model version this process serves over OIP, and the batcher its requests go through."""
+
+    manifest: Manifest
+    batcher: DynamicBatcher
+    provider: str = "CPUExecutionProvider"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.version)
+
+
+def _spec_dtype(spec: TensorSpec) -> _DType:
+    return BY_OIP_NAME[BY_MANIFEST[spec.dtype]]
+
+
+def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: int) -> dict[str, np.ndarray]:
+    """Validate a ModelInfer request's inputs against the manifest and return them as arrays."""
+    expected = {spec.name: spec for spec in manifest.inputs}
+    given = [t.name for t in request.inputs]
+    unknown = [n for n in given if n not in expected]
+    if unknown:
+        raise InvalidInput(
+            f"inputs[{given.index(unknown[0])}]",
+            f"model {manifest.name} has no input {unknown[0]!r} (inputs: {sorted(expected)})",
+        )
+    missing = [n for n in expected if n not in given]
+    if missing or len(given) != len(set(given)):
+        raise InvalidInput("inputs", f"model {manifest.name} needs exactly one each of {sorted(expected)}, got {given}")
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput("raw_input_contents", f"has {len(raw)} entries for {len(request.inputs)} inputs")
+    arrays: dict[str, np.ndarray] = {}
+    rows = None
+    for i, tensor in enumerate(request.inputs):
+        spec = expected[tensor.name]
+        dtype = _spec_dtype(spec)
+        where = f"input {tensor.name!r}"
+        if tensor.datatype != dtype.name:
+            raise InvalidInput(where, f"datatype must be {dtype.name}, got {tensor.datatype or 'none'}")
+        shape = [int(d) for d in tensor.shape]
+        if len(shape) != len(spec.shape) or any(s != e for s, e in zip(shape, spec.shape, strict=True) if e != -1):
+            raise InvalidInput(where, f"shape {shape} does not match {spec.shape} (-1: any size)")
+        if any(d < 0 for d in shape) or shape[0] < 1:
+            raise InvalidInput(where, f"shape {shape} must be positive with a batch of at least 1")
+        if shape[0] > max_rows:
+            raise InvalidInput(where, f"batch of {shape[0]} is over the limit of {max_rows}")
+        if rows is not None and shape[0] != rows:
+            raise InvalidInput(where, f"batch size {shape[0]} differs from the other inputs' {rows}")
+        rows = shape[0]
+        count = int(np.prod(shape))
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(where, "has contents while raw_input_contents is used")
+            data = raw[i]
+            needed = count * dtype.numpy.itemsize
+            if len(data) != needed:
+                problem = f"raw_input_contents[{i}] has {len(data)} bytes, shape {shape} of {dtype.name} needs {needed}"
+                raise InvalidInput(where, problem)
+            array = np.frombuffer(data, dtype=dtype.numpy).reshape(shape)
+        else:
+            if not dtype.contents:
+                raise InvalidInput(where, f"{dtype.name} data must come in raw_input_contents")
+            values = getattr(tensor.contents, dtype.contents)
+            if len(values) != count:
+                raise InvalidInput(
+                    where, f"contents.{dtype.contents} has {len(values)} values, shape {shape} needs {count}"
+                )
+            array = np.asarray(values, dtype=dtype.numpy).reshape(shape)
+        arrays[tensor.name] = np.ascontiguousarray(array, dtype=np.dtype(spec.dtype))
+    return arrays
+
+
+def _duration(count: int, ns: int) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=count, ns=ns)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """GRPCInferenceService for the models of one service process (one version each)."""
+
+    def __init__(self, models: Iterable[HostedModel], max_rows: int, server_name: str = "nnserve") -> None:
+        self.models = {m.name: m for m in models}
+        self.max_rows = max_rows
+        self.server_name = server_name
+        try:
+            self.server_version = metadata.version("nnserve")
+        except metadata.PackageNotFoundError:
+            self.server_version = "0+unknown"
+
+    def _model(self, name: str, version: str) -> HostedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model_name: unknown model {name!r} (served here: {sorted(self.models)})")
+        if version and version != model.version:
+            raise ModelNotFound(
+                f"model_version: model {name!r} has no version {version!r} here (serving {model.version})"
+            )
+        return model
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=all(m.batcher.accepting for m in self.models.values()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
+        model = self.models.get(request.name)
+        ready = model is not None and request.version in ("", model.version) and model.batcher.accepting
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=self.server_name, version=self.server_version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model = self._model(request.name, request.version)
+        tm = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[model.version],
+            platform=PLATFORM,
+            inputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in model.manifest.inputs],
+            outputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in model.manifest.outputs],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext) -> pb.ModelConfigResponse:
+        model = self._model(request.name, request.version)
+        batcher = model.batcher
+        gpu = model.provider.startswith(("CUDA", "Tensorrt"))
+        config = config_pb.ModelConfig(
+            name=model.name,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=batcher.max_batch_size,
+            input=[
+                config_pb.ModelInput(name=s.name, data_type=_spec_dtype(s).config, dims=s.shape[1:])
+                for s in model.manifest.inputs
+            ],
+            output=[
+                config_pb.ModelOutput(name=s.name, data_type=_spec_dtype(s).config, dims=s.shape[1:])
+                for s in model.manifest.outputs
+            ],
+            instance_group=[
+                config_pb.ModelInstanceGroup(
+                    name=f"{model.name}_0",
+                    count=1,
+                    kind=config_pb.ModelInstanceGroup.KIND_GPU if gpu else config_pb.ModelInstanceGroup.KIND_CPU,
+                )
+            ],
+        )
+        if batcher.max_batch_size > 1:
+            config.dynamic_batching.max_queue_delay_microseconds = int(batcher.max_delay_s * 1e6)
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        models = [self._model(request.name, request.version)] if request.name else list(self.models.values())
+        reply = pb.ModelStatisticsResponse()
+        for model in models:
+            s = model.batcher.stats
+            reply.model_stats.add(
+                name=model.name,
+                version=model.version,
+                last_inference=s.last_inference_ms,
+                inference_count=s.rows,
+                execution_count=s.batches,
+                inference_stats=pb.InferStatistics(
+                    success=_duration(s.success_count, s.success_ns),
+                    fail=_duration(s.fail_count, s.fail_ns),
+                    queue=_duration(s.queue_count, s.queue_ns),
+                    compute_input=_duration(s.compute_count, 0),
+                    compute_infer=_duration(s.compute_count, s.compute_ns),
+                    compute_output=_duration(s.compute_count, 0),
+                ),
+                batch_stats=[
+                    pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(count, ns))
+                    for size, (count, ns) in sorted(s.by_batch_size.items())
+                ],
+            )
+        return reply
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version)
+        inputs = decode_inputs(request, model.manifest, self.max_rows)
+        declared = [s.name for s in model.manifest.outputs]
+        wanted = [o.name for o in request.outputs] or declared
+        for i, name in enumerate(wanted):
+            if name not in declared:
+                raise InvalidInput(f"outputs[{i}]", f"model {model.name} has no output {name!r} (outputs: {declared})")
+        outputs = await model.batcher.submit(inputs, deadline_of(context))
+        specs = {s.name: s for s in model.manifest.outputs}
+        reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        for name in wanted:
+            array = np.ascontiguousarray(outputs[name])
+            reply.outputs.add(name=name, datatype=_spec_dtype(specs[name]).name, shape=array.shape)
+            reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        return reply
+
+
+def add_to_server(servicer: InferenceServicer, server: Any) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
