@@ -42,6 +42,7 @@ log = logging.getLogger("train_autoencoder")
 def parse_args(argv: Sequence[str] | None):  # type: ignore[no-untyped-def]
     p = base_parser(__doc__, epochs=8, lr=2e-3, batch_size=128)
     p.add_argument("--mask-probability", type=float, default=0.5, help="how often training shows the damage mask")
+    p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="channels at 28, 14 and 7 pixels")
     return finish_args(p.parse_args(argv), "autoencoder")
 
 
@@ -164,7 +165,7 @@ A small U-Net that restores corrupted 28x28 Fashion-MNIST images: denoising, and
 guided by an optional damage mask. Served by the restore service.
 
 ## Architecture and why
-Encoder-decoder with skip connections at 28, 14 and 7 pixels (32/64/96 channels, GroupNorm,
+Encoder-decoder with skip connections at 28, 14 and 7 pixels ({"/".join(map(str, t["widths"]))} channels, GroupNorm,
 SiLU), and the input fed again to the last layer. A plain bottlenecked autoencoder has to squeeze
 every detail through its code, so clean inputs come back blurred; the skips give an identity path
 that keeps detail and lets the network spend its capacity on the corruption. **{fields["parameters"]:,}
@@ -216,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup(args)
     train_split, test = load_data(args)
     bank = stroke_bank(64 if args.dry_run else 2000, args.seed)
-    model = Restorer()
+    model = Restorer(tuple(args.widths))
     parameters = sum(p.numel() for p in model.parameters())
     log.info("autoencoder: %d parameters, %d train / %d test images", parameters, len(train_split), len(test))
     started = time.perf_counter()
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             duration,
             lr=args.lr,
             batch_size=args.batch_size,
+            widths=list(args.widths),
             history=history,
         ),
         "extra": {

@@ -52,7 +52,12 @@ class ServiceSettings(BaseSettings):
     )
     allow_spinning: bool = Field(False, description="Let onnxruntime threads spin-wait between calls.")
     max_batch_size: int = Field(64, ge=1, description="Most rows the batcher merges into one model call.")
-    max_delay_ms: float = Field(2.0, ge=0.0, description="Longest a request waits for others to join its batch.")
+    max_delay_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="Longest a request waits for others to join its batch. 0 (as Triton's default): batches "
+        "still form from requests that queue while the model is busy, without delaying a lone request.",
+    )
     max_queue_size: int = Field(
         1024, ge=1, description="Requests allowed to wait for the model; beyond it RESOURCE_EXHAUSTED."
     )

@@ -27,7 +27,7 @@ class Restorer(nn.Module):
     come back nearly unchanged while corruptions are removed.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 96)) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
         super().__init__()
         w1, w2, w3 = widths
         self.enc1 = _block(2, w1)
