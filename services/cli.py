@@ -44,6 +44,14 @@ SERVICES = {
         ("classifier",),
         "nnserve classify --address {address} IMAGE.png",
     ),
+    "restore": ServiceSpec(
+        "restore",
+        "services.restore",
+        50052,
+        9102,
+        ("autoencoder",),
+        "nnserve restore --address {address} IMAGE.png --out restored/",
+    ),
 }
 
 
@@ -71,6 +79,26 @@ def _classify(args: argparse.Namespace) -> int:
         top = ", ".join(f"{p.label} {p.probability:.1%}" for p in result.predictions)
         flag = "  [out of distribution]" if result.out_of_distribution else ""
         print(f"{path}: {top}  (ood score {result.ood_score:.2f}){flag}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from services.client import RestoreClient
+
+    images = [Path(p).read_bytes() for p in args.images]
+    masks = [Path(p).read_bytes() for p in args.masks]
+    try:
+        with RestoreClient(args.address) as client:
+            reply = client.restore(images=images, masks=masks, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"nnserve restore: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, result in zip(args.images, reply.restorations, strict=True):
+        target = args.out / f"{Path(path).stem}.restored.png"
+        target.write_bytes(result.png)
+        flag = "  [anomalous]" if result.anomalous else ""
+        print(f"{path} -> {target}  (anomaly score {result.anomaly_score:.4f}){flag}")
     return 0
 
 
@@ -179,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--timeout", type=float, default=30.0)
     classify.add_argument("--json", action="store_true", help="print the reply as JSON")
 
+    restore = sub.add_parser("restore", help="denoise or inpaint image files")
+    restore.add_argument("images", nargs="+")
+    restore.add_argument("--masks", nargs="*", default=[], help="damage masks, one per image (white = inpaint)")
+    restore.add_argument("--out", type=Path, default=Path("restored"))
+    restore.add_argument("--address", default="127.0.0.1:50052")
+    restore.add_argument("--timeout", type=float, default=30.0)
+
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("address")
     health.add_argument("--service", default="", help="a service name; empty: the whole server")
@@ -196,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loadtest_main(rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    handlers = {"classify": _classify, "health": _health, "up": _up}
+    handlers = {"classify": _classify, "restore": _restore, "health": _health, "up": _up}
     return handlers[args.command](args)
 
 

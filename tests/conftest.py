@@ -5,15 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ServiceProcess, make_tiny_classifier, start_service
+from tests.helpers import ServiceProcess, make_tiny_autoencoder, make_tiny_classifier, start_service
 
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository holding a tiny linear classifier (versions 1 and 2)."""
+    """A model repository holding a tiny linear classifier (versions 1 and 2) and a stand-in restorer."""
     root = tmp_path_factory.mktemp("repository")
     make_tiny_classifier(root, version=1, seed=1)
     make_tiny_classifier(root, version=2, seed=2)
+    make_tiny_autoencoder(root, version=1)
     return root
 
 
@@ -21,5 +22,13 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def classify_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The classify service with default settings on the tiny classifier."""
     server = start_service("services.classify", tiny_repository, tmp_path_factory.mktemp("classify"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def restore_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The restore service with default settings on the stand-in restorer."""
+    server = start_service("services.restore", tiny_repository, tmp_path_factory.mktemp("restore"))
     yield server
     server.stop()

@@ -58,6 +58,46 @@ def make_tiny_classifier(repository: Path, version: int = 1, name: str = "classi
     return directory
 
 
+def make_tiny_autoencoder(repository: Path, version: int = 1, name: str = "autoencoder") -> Path:
+    """A stand-in restorer graph: restored = image * (1 - mask) + 0.5 * mask."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["one", "mask"], ["keep"]),
+            helper.make_node("Mul", ["image", "keep"], ["kept"]),
+            helper.make_node("Mul", ["mask", "half"], ["filled"]),
+            helper.make_node("Add", ["kept", "filled"], ["restored"]),
+        ],
+        "tiny_autoencoder",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, 28, 28]),
+        ],
+        [helper.make_tensor_value_info("restored", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        initializer=[numpy_helper.from_array(np.float32(1.0), "one"), numpy_helper.from_array(np.float32(0.5), "half")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    directory = repository / name / str(version)
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, directory / "model.onnx")
+    spec = [-1, 1, 28, 28]
+    Manifest(
+        name=name,
+        version=version,
+        task="image-restoration",
+        sha256=file_sha256(directory / "model.onnx"),
+        opset=18,
+        inputs=[
+            TensorSpec(name="image", dtype="float32", shape=spec),
+            TensorSpec(name="mask", dtype="float32", shape=spec),
+        ],
+        outputs=[TensorSpec(name="restored", dtype="float32", shape=spec)],
+        ood=OodCalibration(score="reconstruction_mse", threshold=0.01, calibration="fixed, for tests"),
+    ).write(directory / "manifest.json")
+    return directory
+
+
 @dataclass
 class ServiceProcess:
     """A service started as its own process, as users run it."""

@@ -71,7 +71,9 @@ def _free_offset() -> int:
     for _ in range(100):
         offset = random.randint(-9000, 10000)
         try:
-            for port in (50051 + offset, 9101 + offset):
+            from services.cli import SERVICES
+
+            for port in [p + offset for spec in SERVICES.values() for p in (spec.port, spec.metrics_port)]:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:

@@ -9,10 +9,8 @@ from prometheus_client import CollectorRegistry
 from services.classify.model import ClassifierModel
 from services.classify.servicer import ClassifyServicer
 from services.core import oip
-from services.core.batching import DynamicBatcher
+from services.core.hosting import load_batched_model
 from services.core.metrics import Metrics
-from services.core.repository import ModelRepository
-from services.core.runtime import OnnxModel
 from services.core.server import Service
 from services.core.server import main as service_main
 from services.core.settings import ClassifySettings
@@ -22,27 +20,17 @@ SERVICE_NAME = classify_pb2.DESCRIPTOR.services_by_name["ClassifyService"].full_
 
 
 def build(settings: ClassifySettings, registry: CollectorRegistry | None = None) -> Service:
-    """Load and warm the classifier, and wire model, batcher and servicer together."""
+    """Load and warm the classifier, and wire model, batcher and servicers together."""
     metrics = Metrics(registry or CollectorRegistry(), "classify")
-    version = ModelRepository(settings.model_repository).resolve(settings.model_name, settings.model_version)
-    runtime = OnnxModel(version, settings.providers, settings.threads, settings.allow_spinning)
-    if settings.warmup:
-        runtime.warmup(sorted({1, settings.max_batch_size}))
+    loaded = load_batched_model(settings, settings.model_name, metrics, settings.model_version)
+    version = loaded.version
     model = ClassifierModel(version.manifest, settings.max_images_per_request)
-    batcher = DynamicBatcher(
-        runtime.predict,
-        name=version.name,
-        max_batch_size=settings.max_batch_size,
-        max_delay_s=settings.max_delay_ms / 1000.0,
-        max_queue_size=settings.max_queue_size,
-        enabled=settings.batching,
-        metrics=metrics.for_model(version.name),
+    service = Service(
+        name="classify", metrics=metrics, batchers=[loaded.batcher], models={version.name: str(version.version)}
     )
-    metrics.model_info.labels("classify", version.name, str(version.version), runtime.provider).set(1)
-    service = Service(name="classify", metrics=metrics, batchers=[batcher], models={version.name: str(version.version)})
-    servicer = ClassifyServicer(model, batcher, version.version, settings.default_top_k)
+    servicer = ClassifyServicer(model, loaded.batcher, version.version, settings.default_top_k)
     service.add_servicer(classify_pb2_grpc.add_ClassifyServiceServicer_to_server, servicer, SERVICE_NAME)
-    hosted = oip.HostedModel(version.manifest, batcher, runtime.provider)
+    hosted = oip.HostedModel(version.manifest, loaded.batcher, loaded.runtime.provider)
     service.add_servicer(
         oip.add_to_server, oip.InferenceServicer([hosted], settings.max_images_per_request), oip.SERVICE_NAME
     )

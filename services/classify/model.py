@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.core.errors import InvalidInput
-from services.core.images import TensorInput, decode_images, tensor_to_images
+from services.core.images import TensorInput, collect_images
 from services.core.manifest import Manifest
 
 MAX_TOP_K = 10
@@ -53,22 +53,7 @@ class ClassifierModel:
 
     def batch(self, images: list[bytes], tensor: TensorInput | None) -> np.ndarray:
         """Validate and convert a request's images into float32 [N, 1, 28, 28]."""
-        tensor_rows = 0
-        if tensor is not None:
-            tensor_rows = int(tensor.shape[0]) if len(tensor.shape) > 2 else 1
-            if tensor_rows < 1:
-                raise InvalidInput("tensor.shape", f"first dimension must be >= 1, got {list(tensor.shape)}")
-        count = len(images) + tensor_rows
-        if count == 0:
-            raise InvalidInput("images", "the request has no images (set images or tensor)")
-        if count > self.max_images:
-            raise InvalidInput("images", f"{count} images in one request, over the limit of {self.max_images}")
-        parts = []
-        if images:
-            parts.append(decode_images(images, "images"))
-        if tensor is not None:
-            parts.append(tensor_to_images(tensor.dtype, tensor.shape, tensor.data, "tensor"))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return collect_images(images, tensor, self.max_images)
 
     def top_k(self, requested: int, default: int) -> int:
         k = requested or default

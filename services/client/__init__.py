@@ -8,7 +8,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc, tensor_pb2
+from services.core.convert import tensor_message
+from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc, restore_pb2, restore_pb2_grpc
+
+__all__ = ["ClassifyClient", "RestoreClient", "channel_options", "check_health", "tensor_message"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -25,20 +28,6 @@ def channel_options(
     if round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
-
-
-def tensor_message(images: np.ndarray) -> tensor_pb2.Tensor:
-    """A Tensor message from a uint8 or float32 numpy array."""
-    if images.dtype == np.uint8:
-        dtype = tensor_pb2.DATA_TYPE_UINT8
-    elif images.dtype == np.float32:
-        dtype = tensor_pb2.DATA_TYPE_FLOAT32
-    else:
-        raise TypeError(f"images must be uint8 or float32, got {images.dtype}")
-    array = np.ascontiguousarray(images)
-    return tensor_pb2.Tensor(
-        dtype=dtype, shape=list(array.shape), data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-    )
 
 
 class ClassifyClient:
@@ -64,6 +53,40 @@ class ClassifyClient:
         self.channel.close()
 
     def __enter__(self) -> ClassifyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RestoreClient:
+    """Blocking client of nnserve.v1.RestoreService."""
+
+    def __init__(self, target: str, channel: grpc.Channel | None = None, round_robin: bool = False) -> None:
+        self.channel = channel or grpc.insecure_channel(target, options=channel_options(round_robin=round_robin))
+        self.stub = restore_pb2_grpc.RestoreServiceStub(self.channel)
+
+    def restore(
+        self,
+        images: Sequence[bytes] = (),
+        tensor: np.ndarray | None = None,
+        masks: Sequence[bytes] = (),
+        mask_tensor: np.ndarray | None = None,
+        as_tensor: bool = False,
+        timeout: float | None = None,
+    ) -> restore_pb2.RestoreResponse:
+        output = restore_pb2.RESTORE_OUTPUT_TENSOR if as_tensor else restore_pb2.RESTORE_OUTPUT_PNG
+        request = restore_pb2.RestoreRequest(images=list(images), masks=list(masks), output=output)
+        if tensor is not None:
+            request.tensor.CopyFrom(tensor_message(tensor))
+        if mask_tensor is not None:
+            request.mask_tensor.CopyFrom(tensor_message(mask_tensor))
+        return self.stub.Restore(request, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RestoreClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

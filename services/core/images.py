@@ -87,11 +87,11 @@ def decode_image(data: bytes, field: str, size: int = SIZE, invert_light_backgro
     return gray
 
 
-def decode_images(images: list[bytes] | tuple[bytes, ...], field: str = "images") -> np.ndarray:
+def decode_images(images: list[bytes] | tuple[bytes, ...], field: str = "images", invert: bool = True) -> np.ndarray:
     """Decode encoded images into float32 [N, 1, 28, 28]."""
     out = np.empty((len(images), 1, SIZE, SIZE), dtype=np.float32)
     for i, data in enumerate(images):
-        out[i, 0] = decode_image(data, f"{field}[{i}]")
+        out[i, 0] = decode_image(data, f"{field}[{i}]", invert_light_background=invert)
     return out
 
 
@@ -123,6 +123,36 @@ def tensor_to_images(dtype: str, shape: list[int] | tuple[int, ...], data: bytes
     if array.min() < 0.0 or array.max() > 1.0:
         raise InvalidInput(f"{field}.data", f"float32 pixels must be in [0, 1], got [{array.min():g}, {array.max():g}]")
     return array.astype(np.float32, copy=False)
+
+
+def collect_images(
+    images: list[bytes],
+    tensor: TensorInput | None,
+    max_images: int,
+    images_field: str = "images",
+    tensor_field: str = "tensor",
+    invert: bool = True,
+) -> np.ndarray:
+    """A request's encoded images followed by its tensor rows, as float32 [N, 1, 28, 28].
+
+    Counts are checked before anything is decoded, so an oversized request costs nothing.
+    """
+    tensor_rows = 0
+    if tensor is not None:
+        tensor_rows = int(tensor.shape[0]) if len(tensor.shape) > 2 else 1
+        if tensor_rows < 1:
+            raise InvalidInput(f"{tensor_field}.shape", f"first dimension must be >= 1, got {list(tensor.shape)}")
+    count = len(images) + tensor_rows
+    if count == 0:
+        raise InvalidInput(images_field, f"the request has no images (set {images_field} or {tensor_field})")
+    if count > max_images:
+        raise InvalidInput(images_field, f"{count} images in one request, over the limit of {max_images}")
+    parts = []
+    if images:
+        parts.append(decode_images(images, images_field, invert))
+    if tensor is not None:
+        parts.append(tensor_to_images(tensor.dtype, tensor.shape, tensor.data, tensor_field))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -111,3 +111,14 @@ def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:
             value = None
         given[name] = value
     return cls(**given)
+
+
+class RestoreSettings(ServiceSettings):
+    """Settings of the restore service (environment prefix ``NNSERVE_RESTORE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NNSERVE_RESTORE_", extra="forbid", protected_namespaces=())
+
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(9102, ge=0, le=65535, description="Metrics HTTP port.")
+    model_name: str = Field("autoencoder", description="Model in the repository to serve.")
+    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")

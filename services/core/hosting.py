@@ -1,0 +1,41 @@
+"""Loading a model version into a warmed-up onnxruntime session behind a dynamic batcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.core.batching import DynamicBatcher
+from services.core.metrics import Metrics
+from services.core.repository import ModelRepository, ModelVersion
+from services.core.runtime import OnnxModel
+from services.core.settings import ServiceSettings
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified model version, its session and the batcher in front of it."""
+
+    version: ModelVersion
+    runtime: OnnxModel
+    batcher: DynamicBatcher
+
+
+def load_batched_model(
+    settings: ServiceSettings, name: str, metrics: Metrics, version: int | None = None, warmup_rows: int | None = None
+) -> LoadedModel:
+    """Resolve ``name`` in the repository, load and warm it, and put a batcher in front of it."""
+    resolved = ModelRepository(settings.model_repository).resolve(name, version)
+    runtime = OnnxModel(resolved, settings.providers, settings.threads, settings.allow_spinning)
+    if settings.warmup:
+        runtime.warmup(sorted({1, warmup_rows or settings.max_batch_size}))
+    batcher = DynamicBatcher(
+        runtime.predict,
+        name=resolved.name,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_delay_ms / 1000.0,
+        max_queue_size=settings.max_queue_size,
+        enabled=settings.batching,
+        metrics=metrics.for_model(resolved.name),
+    )
+    metrics.model_info.labels(metrics.service, resolved.name, str(resolved.version), runtime.provider).set(1)
+    return LoadedModel(resolved, runtime, batcher)

@@ -1,0 +1,48 @@
+"""``python -m services.restore`` (or ``nnserve serve restore``): the restore gRPC service."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from services.core import oip
+from services.core.hosting import load_batched_model
+from services.core.metrics import Metrics
+from services.core.server import Service
+from services.core.server import main as service_main
+from services.core.settings import RestoreSettings
+from services.proto.nnserve.v1 import restore_pb2, restore_pb2_grpc
+from services.restore.model import RestorerModel
+from services.restore.servicer import RestoreServicer
+
+SERVICE_NAME = restore_pb2.DESCRIPTOR.services_by_name["RestoreService"].full_name
+
+
+def build(settings: RestoreSettings, registry: CollectorRegistry | None = None) -> Service:
+    """Load and warm the autoencoder, and wire model, batcher and servicers together."""
+    metrics = Metrics(registry or CollectorRegistry(), "restore")
+    loaded = load_batched_model(settings, settings.model_name, metrics, settings.model_version)
+    version = loaded.version
+    model = RestorerModel(version.manifest, settings.max_images_per_request)
+    service = Service(
+        name="restore", metrics=metrics, batchers=[loaded.batcher], models={version.name: str(version.version)}
+    )
+    service.add_servicer(
+        restore_pb2_grpc.add_RestoreServiceServicer_to_server,
+        RestoreServicer(model, loaded.batcher, version.version),
+        SERVICE_NAME,
+    )
+    hosted = oip.HostedModel(version.manifest, loaded.batcher, loaded.runtime.provider)
+    service.add_servicer(
+        oip.add_to_server, oip.InferenceServicer([hosted], settings.max_images_per_request), oip.SERVICE_NAME
+    )
+    return service
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return service_main("nnserve serve restore", RestoreSettings, build, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
