@@ -52,7 +52,17 @@ SERVICES = {
         ("autoencoder",),
         "nnserve restore --address {address} IMAGE.png --out restored/",
     ),
+    # Starts with whichever of its two models is present.
+    "generate": ServiceSpec(
+        "generate",
+        "services.generate",
+        50053,
+        9103,
+        ("gan_generator", "diffusion_denoiser"),
+        "nnserve generate --address {address} --model gan --label 3 --count 16 --out grid.png",
+    ),
 }
+OPTIONAL_MODEL_FLAGS = {"gan_generator": "--gan-model=", "diffusion_denoiser": "--diffusion-model="}
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
@@ -102,6 +112,58 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from services.client import GenerateClient
+
+    options = dict(
+        model=args.model,
+        count=args.count,
+        labels=args.label,
+        seed=args.seed,
+        output="grid" if args.out.suffix == ".png" else "pngs",
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        guidance_scale=args.guidance_scale,
+    )
+    try:
+        with GenerateClient(args.address) as client:
+            if args.model == "diffusion":
+                reply = None
+                for event in client.stream(timeout=args.timeout, **options):
+                    if event.HasField("progress"):
+                        p = event.progress
+                        bar = "#" * int(30 * p.step / p.total_steps)
+                        print(
+                            f"\r  sampling [{bar:<30}] step {p.step}/{p.total_steps}",
+                            end="",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    else:
+                        reply = event.result
+                print(file=sys.stderr)
+            else:
+                reply = client.generate(timeout=args.timeout, **options)
+    except grpc.RpcError as exc:
+        print(f"nnserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    assert reply is not None
+    if reply.grid_png:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_bytes(reply.grid_png)
+        written = [args.out]
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, png in enumerate(reply.pngs):
+            written.append(args.out / f"{args.model}-{reply.seed}-{i:03d}-class{reply.labels[i]}.png")
+            written[-1].write_bytes(png)
+    shown = ", ".join(map(str, written[:4])) + (" ..." if len(written) > 4 else "")
+    print(f"{len(reply.labels)} images from {reply.model_name}/{reply.model_version}, seed {reply.seed} -> {shown}")
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     from services.client import check_health
 
@@ -125,9 +187,10 @@ def _up(args: argparse.Namespace) -> int:
     children: list[tuple[ServiceSpec, subprocess.Popen[bytes], Path]] = []
     for spec in wanted:
         missing = [m for m in spec.models if m not in present]
-        if missing:
+        if len(missing) == len(spec.models) or (missing and spec.name != "generate"):
             print(f"skipping {spec.name}: no {', '.join(missing)} in {repository.root}", file=sys.stderr)
             continue
+        disable = [OPTIONAL_MODEL_FLAGS[m] for m in missing]
         port_file = state / f"{spec.name}.json"
         command = [
             sys.executable,
@@ -145,6 +208,7 @@ def _up(args: argparse.Namespace) -> int:
             str(repository.root),
             "--port-file",
             str(port_file),
+            *disable,
         ]
         children.append((spec, subprocess.Popen(command), port_file))
     if not children:
@@ -214,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--address", default="127.0.0.1:50052")
     restore.add_argument("--timeout", type=float, default=30.0)
 
+    generate = sub.add_parser("generate", help="generate images with the GAN or the diffusion model")
+    generate.add_argument("--model", choices=["gan", "diffusion"], default="gan")
+    generate.add_argument("--count", type=int, default=16)
+    generate.add_argument("--label", type=int, action="append", default=[], help="class id (repeat for one per image)")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    generate.add_argument("--steps", type=int, default=50)
+    generate.add_argument("--eta", type=float, default=0.0)
+    generate.add_argument("--guidance-scale", type=float, default=None)
+    generate.add_argument(
+        "--out", type=Path, default=Path("generated.png"), help="a .png file (one grid) or a directory"
+    )
+    generate.add_argument("--address", default="127.0.0.1:50053")
+    generate.add_argument("--timeout", type=float, default=300.0)
+
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("address")
     health.add_argument("--service", default="", help="a service name; empty: the whole server")
@@ -231,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loadtest_main(rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    handlers = {"classify": _classify, "restore": _restore, "health": _health, "up": _up}
+    handlers = {"classify": _classify, "restore": _restore, "generate": _generate, "health": _health, "up": _up}
     return handlers[args.command](args)
 
 

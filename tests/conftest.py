@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ServiceProcess, make_tiny_autoencoder, make_tiny_classifier, start_service
+from tests.helpers import (
+    ServiceProcess,
+    make_tiny_autoencoder,
+    make_tiny_classifier,
+    make_tiny_denoiser,
+    make_tiny_gan,
+    start_service,
+)
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +22,8 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_tiny_classifier(root, version=1, seed=1)
     make_tiny_classifier(root, version=2, seed=2)
     make_tiny_autoencoder(root, version=1)
+    make_tiny_gan(root)
+    make_tiny_denoiser(root)
     return root
 
 
@@ -30,5 +39,21 @@ def classify_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFact
 def restore_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The restore service with default settings on the stand-in restorer."""
     server = start_service("services.restore", tiny_repository, tmp_path_factory.mktemp("restore"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def generate_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The generate service on the stand-in GAN and denoiser."""
+    server = start_service(
+        "services.generate",
+        tiny_repository,
+        tmp_path_factory.mktemp("generate"),
+        "--max-count",
+        "16",
+        "--max-step-rows-per-request",
+        "20000",
+    )
     yield server
     server.stop()

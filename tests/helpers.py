@@ -98,6 +98,112 @@ def make_tiny_autoencoder(repository: Path, version: int = 1, name: str = "autoe
     return directory
 
 
+def _save(model: onnx.ModelProto, repository: Path, name: str, version: int) -> Path:
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    directory = repository / name / str(version)
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, directory / "model.onnx")
+    return directory
+
+
+def make_tiny_gan(repository: Path, latent_dim: int = 8, version: int = 1, name: str = "gan_generator") -> Path:
+    """A stand-in generator: image = sigmoid(z @ W + E[label]) reshaped to [B,1,28,28]."""
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["z", "W"], ["zw"]),
+            helper.make_node("Gather", ["E", "label"], ["e"], axis=0),
+            helper.make_node("Add", ["zw", "e"], ["pre"]),
+            helper.make_node("Sigmoid", ["pre"], ["flat"]),
+            helper.make_node("Reshape", ["flat", "shape"], ["image"]),
+        ],
+        "tiny_gan",
+        [
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", latent_dim]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(0, 1, (latent_dim, 784)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.normal(0, 1, (10, 784)).astype(np.float32), "E"),
+            numpy_helper.from_array(np.array([-1, 1, 28, 28], np.int64), "shape"),
+        ],
+    )
+    directory = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), repository, name, version)
+    Manifest(
+        name=name,
+        version=version,
+        task="image-generation",
+        sha256=file_sha256(directory / "model.onnx"),
+        opset=18,
+        inputs=[
+            TensorSpec(name="z", dtype="float32", shape=[-1, latent_dim]),
+            TensorSpec(name="label", dtype="int64", shape=[-1]),
+        ],
+        outputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 28, 28])],
+        labels=list(LABELS),
+        extra={"latent_dim": latent_dim, "num_classes": 10},
+    ).write(directory / "manifest.json")
+    return directory
+
+
+def make_tiny_denoiser(repository: Path, version: int = 1, name: str = "diffusion_denoiser") -> Path:
+    """A stand-in epsilon predictor: eps = 0.5 x_t + 0.01 label + 0.0001 t, with a real cosine schedule."""
+    from training.diffusion.schedule import cosine_alphas_cumprod
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["t"], ["tf"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["label"], ["lf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["tf", "c_t"], ["tt"]),
+            helper.make_node("Mul", ["lf", "c_l"], ["ll"]),
+            helper.make_node("Add", ["tt", "ll"], ["bias"]),
+            helper.make_node("Reshape", ["bias", "shape"], ["bias4"]),
+            helper.make_node("Mul", ["x_t", "c_x"], ["xx"]),
+            helper.make_node("Add", ["xx", "bias4"], ["eps"]),
+        ],
+        "tiny_denoiser",
+        [
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["batch", 1, 28, 28]),
+            helper.make_tensor_value_info("t", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        initializer=[
+            numpy_helper.from_array(np.float32(0.0001), "c_t"),
+            numpy_helper.from_array(np.float32(0.01), "c_l"),
+            numpy_helper.from_array(np.float32(0.5), "c_x"),
+            numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape"),
+        ],
+    )
+    directory = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), repository, name, version)
+    spec = [-1, 1, 28, 28]
+    Manifest(
+        name=name,
+        version=version,
+        task="diffusion-denoiser",
+        sha256=file_sha256(directory / "model.onnx"),
+        opset=18,
+        inputs=[
+            TensorSpec(name="x_t", dtype="float32", shape=spec),
+            TensorSpec(name="t", dtype="int64", shape=[-1]),
+            TensorSpec(name="label", dtype="int64", shape=[-1]),
+        ],
+        outputs=[TensorSpec(name="eps", dtype="float32", shape=spec)],
+        labels=list(LABELS),
+        extra={
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+            "null_class": 10,
+            "num_classes": 10,
+            "default_guidance_scale": 2.0,
+            "alphas_cumprod": [float(a) for a in cosine_alphas_cumprod(1000)],
+        },
+    ).write(directory / "manifest.json")
+    return directory
+
+
 @dataclass
 class ServiceProcess:
     """A service started as its own process, as users run it."""

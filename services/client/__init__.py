@@ -9,9 +9,16 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.convert import tensor_message
-from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc, restore_pb2, restore_pb2_grpc
+from services.proto.nnserve.v1 import (
+    classify_pb2,
+    classify_pb2_grpc,
+    generate_pb2,
+    generate_pb2_grpc,
+    restore_pb2,
+    restore_pb2_grpc,
+)
 
-__all__ = ["ClassifyClient", "RestoreClient", "channel_options", "check_health", "tensor_message"]
+__all__ = ["ClassifyClient", "GenerateClient", "RestoreClient", "channel_options", "check_health", "tensor_message"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -87,6 +94,63 @@ class RestoreClient:
         self.channel.close()
 
     def __enter__(self) -> RestoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GenerateClient:
+    """Blocking client of nnserve.v1.GenerateService."""
+
+    def __init__(self, target: str, channel: grpc.Channel | None = None, round_robin: bool = False) -> None:
+        self.channel = channel or grpc.insecure_channel(target, options=channel_options(round_robin=round_robin))
+        self.stub = generate_pb2_grpc.GenerateServiceStub(self.channel)
+
+    @staticmethod
+    def request(
+        model: str = "gan",
+        count: int = 1,
+        labels: Sequence[int] = (),
+        seed: int | None = None,
+        output: str = "pngs",
+        sampler: str = "ddim",
+        steps: int = 0,
+        eta: float = 0.0,
+        guidance_scale: float | None = None,
+        preview_every: int = 0,
+    ) -> generate_pb2.GenerateRequest:
+        """Build a GenerateRequest from plain values (model 'gan'/'diffusion', output 'pngs'/'grid'/'tensor')."""
+        request = generate_pb2.GenerateRequest(
+            model=generate_pb2.GENERATOR_MODEL_DIFFUSION if model == "diffusion" else generate_pb2.GENERATOR_MODEL_GAN,
+            count=count,
+            labels=list(labels),
+            output={
+                "pngs": generate_pb2.GENERATE_OUTPUT_PNGS,
+                "grid": generate_pb2.GENERATE_OUTPUT_GRID,
+                "tensor": generate_pb2.GENERATE_OUTPUT_TENSOR,
+            }[output],
+        )
+        if seed is not None:
+            request.seed = seed
+        options = request.diffusion
+        options.sampler = generate_pb2.SAMPLER_DDPM if sampler == "ddpm" else generate_pb2.SAMPLER_DDIM
+        options.steps, options.eta, options.preview_every = steps, eta, preview_every
+        if guidance_scale is not None:
+            options.guidance_scale = guidance_scale
+        return request
+
+    def generate(self, timeout: float | None = None, **kwargs: object) -> generate_pb2.GenerateResponse:
+        return self.stub.Generate(self.request(**kwargs), timeout=timeout)  # type: ignore[arg-type]
+
+    def stream(self, timeout: float | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
+        """Iterate GenerateEvents (progress, then the result)."""
+        return self.stub.GenerateStream(self.request(**kwargs), timeout=timeout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GenerateClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

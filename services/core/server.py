@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from services.core import errors
-from services.core.batching import DEADLINE_SLACK_S, DynamicBatcher
+from services.core.batching import DEADLINE_SLACK_S
 from services.core.metrics import Metrics, serve_metrics
 from services.core.settings import S, ServiceSettings, add_settings_arguments, settings_from_args
 
@@ -171,6 +171,16 @@ class ServerInterceptor(aio.ServerInterceptor):
         return handler
 
 
+class Worker(Protocol):
+    """A batcher the server starts before serving and drains on shutdown."""
+
+    def start(self) -> None: ...
+
+    def begin_drain(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class Service:
     """What a service process serves: gRPC servicers (with their full service names) and batchers."""
@@ -178,7 +188,7 @@ class Service:
     name: str
     metrics: Metrics
     servicers: list[tuple[Callable[[Any, Any], None], Any, str]] = field(default_factory=list)
-    batchers: list[DynamicBatcher] = field(default_factory=list)
+    batchers: list[Worker] = field(default_factory=list)
     models: dict[str, str] = field(default_factory=dict)
 
     def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:

@@ -122,3 +122,24 @@ class RestoreSettings(ServiceSettings):
     metrics_port: int | None = Field(9102, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("autoencoder", description="Model in the repository to serve.")
     max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
+
+
+class GenerateSettings(ServiceSettings):
+    """Settings of the generate service (environment prefix ``NNSERVE_GENERATE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NNSERVE_GENERATE_", extra="forbid", protected_namespaces=())
+
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(9103, ge=0, le=65535, description="Metrics HTTP port.")
+    gan_model: str = Field("gan_generator", description="GAN generator in the repository ('' to disable).")
+    diffusion_model: str = Field(
+        "diffusion_denoiser", description="Diffusion denoiser in the repository ('' to disable)."
+    )
+    max_count: int = Field(64, ge=1, description="Most images one request may ask for.")
+    max_step_rows_per_request: int = Field(
+        64_000, ge=1, description="Most denoiser rows one request may need: count x steps (x2 with guidance)."
+    )
+    step_batching: bool = Field(True, description="Share each denoiser call among all sampling requests.")
+    max_rows_per_step: int = Field(256, ge=1, description="Most denoiser rows in one step-batched call.")
+    max_rows_in_flight: int = Field(1024, ge=1, description="Most denoiser rows of admitted sampling requests.")
+    max_waiting_jobs: int = Field(256, ge=1, description="Sampling requests that may wait for rows.")

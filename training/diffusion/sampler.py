@@ -69,17 +69,26 @@ def sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    initial: torch.Tensor | None = None,
+    noises: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Sample images in [0,1] for ``labels``; DDIM with ``eta`` (DDPM: num_steps = T, eta = 1)."""
+    """Sample images in [0,1] for ``labels``; DDIM with ``eta`` (DDPM: num_steps = T, eta = 1).
+
+    ``initial`` (x_T) and ``noises`` (one per step) replace the generator's draws, so another
+    implementation can be compared with this one on the same random numbers.
+    """
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
-    x = torch.randn((len(labels), 1, 28, 28), generator=generator)
+    x = initial.clone() if initial is not None else torch.randn((len(labels), 1, 28, 28), generator=generator)
     ts = timesteps(len(ac), num_steps)
     for i, t in enumerate(ts):
         t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
         eps = guided_epsilon(
             model, x, torch.full((len(labels),), int(t), dtype=torch.int64), labels, null_class, guidance
         )
-        noise = torch.randn(x.shape, generator=generator) if eta > 0 else None
+        if eta > 0:
+            noise = noises[i] if noises is not None else torch.randn(x.shape, generator=generator)
+        else:
+            noise = None
         x, x0 = step(eps, int(t), t_prev, x, ac, eta, noise)
         if callback is not None:
             callback(i, x, x0)

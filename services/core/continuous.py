@@ -1,0 +1,260 @@
+"""Continuous (step-level) batching for iterative jobs such as diffusion sampling.
+
+A job needs many model calls in sequence (one per denoising step). Instead of running each job's
+loop on its own, one worker runs a single model call per iteration over the rows of *every*
+active job, whatever step each is at, and lets each job advance with its slice of the output, as
+continuous batching does for LLM decoding. Jobs join between iterations and leave when done,
+cancelled or past their deadline, freeing their rows at once.
+
+With ``enabled=False`` each model call serves one job only (round-robin), which is what running
+every request's loop separately costs; the benchmark compares the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from services.core.batching import BatchStats
+from services.core.errors import DeadlineExpired, InferenceFailed, Overloaded, Unavailable
+from services.core.metrics import ModelMetrics
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class IterativeJob(Protocol):
+    """What the scheduler needs of a job."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    def inputs(self) -> dict[str, np.ndarray]: ...
+
+    def advance(self, output: np.ndarray) -> None: ...
+
+
+@dataclass(eq=False)
+class _Entry:
+    job: IterativeJob
+    future: asyncio.Future[None]
+    deadline: float | None
+    on_step: Callable[[], None] | None
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+class StepBatcher:
+    """Runs iterative jobs, sharing each model call among all active jobs' rows."""
+
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        name: str,
+        output: str,
+        max_rows_per_call: int = 256,
+        max_rows_in_flight: int = 1024,
+        max_waiting: int = 256,
+        enabled: bool = True,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
+        self._predict = predict
+        self.name = name
+        self.output = output
+        self.max_rows_per_call = max_rows_per_call
+        self.max_rows_in_flight = max_rows_in_flight
+        self.max_waiting = max_waiting
+        self.enabled = enabled
+        self._metrics = metrics
+        self._waiting: deque[_Entry] = deque()
+        self._active: list[_Entry] = []
+        self._rows_in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"steps-{name}")
+        self._worker: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._turn = 0
+        self.stats = BatchStats()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def rows_in_flight(self) -> int:
+        return self._rows_in_flight
+
+    def start(self) -> None:
+        self._accepting = True
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"steps-{self.name}")
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: admitted jobs still run to completion."""
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        self._accepting = False
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    async def run(
+        self, job: IterativeJob, deadline: float | None = None, on_step: Callable[[], None] | None = None
+    ) -> None:
+        """Run ``job`` to completion (advancing it in place). ``on_step`` is called after each step."""
+        if not self._accepting:
+            raise Unavailable("server is shutting down")
+        if job.rows > self.max_rows_in_flight:
+            raise Overloaded(f"{job.rows} rows per step exceed max_rows_in_flight={self.max_rows_in_flight}")
+        if len(self._waiting) >= self.max_waiting:
+            if self._metrics:
+                self._metrics.queue_full.inc()
+            raise Overloaded(
+                f"{len(self._waiting)} generation jobs already wait for rows (max {self.max_waiting}); retry later"
+            )
+        entry = _Entry(job, asyncio.get_running_loop().create_future(), deadline, on_step)
+        self._waiting.append(entry)
+        if self._metrics:
+            self._metrics.queue_depth.inc()
+        self._wakeup.set()
+        try:
+            await entry.future
+        except asyncio.CancelledError:
+            entry.cancelled = True  # the worker drops it before the next step and frees its rows
+            raise
+
+    def _admit(self) -> None:
+        while self._waiting and self._rows_in_flight + self._waiting[0].job.rows <= self.max_rows_in_flight:
+            entry = self._waiting.popleft()
+            if self._metrics:
+                self._metrics.queue_depth.dec()
+                self._metrics.queue_wait.observe(time.perf_counter() - entry.enqueued)
+            self.stats.queue_count += 1
+            self.stats.queue_ns += int((time.perf_counter() - entry.enqueued) * 1e9)
+            self._active.append(entry)
+            self._rows_in_flight += entry.job.rows
+
+    def _retire(self, entry: _Entry, error: BaseException | None = None) -> None:
+        self._active.remove(entry)
+        self._rows_in_flight -= entry.job.rows
+        elapsed = int((time.perf_counter() - entry.enqueued) * 1e9)
+        if error is None and not entry.cancelled:
+            self.stats.success_count += 1
+            self.stats.success_ns += elapsed
+        else:
+            self.stats.fail_count += 1
+            self.stats.fail_ns += elapsed
+        if not entry.future.done():
+            if error is None:
+                entry.future.set_result(None)
+            else:
+                entry.future.set_exception(error)
+
+    def _sweep(self) -> None:
+        """Drop cancelled and expired jobs (waiting or active) before the next call."""
+        now = time.perf_counter()
+        for entry in [e for e in self._waiting if e.cancelled or e.future.done()]:
+            self._waiting.remove(entry)
+            if self._metrics:
+                self._metrics.queue_depth.dec()
+                self._metrics.cancelled.inc()
+        for entry in list(self._active):
+            if entry.cancelled or entry.future.done():
+                if self._metrics:
+                    self._metrics.cancelled.inc()
+                self._retire(entry)
+            elif entry.deadline is not None and now >= entry.deadline:
+                if self._metrics:
+                    self._metrics.deadline.inc()
+                self._retire(entry, DeadlineExpired(f"deadline expired after step {getattr(entry.job, 'index', '?')}"))
+
+    def _select(self) -> list[_Entry]:
+        """The jobs whose rows go into this call: all that fit, starting at a rotating position."""
+        if not self._active:
+            return []
+        start = self._turn % len(self._active)
+        self._turn += 1
+        order = self._active[start:] + self._active[:start]
+        if not self.enabled:
+            return order[:1]
+        chosen: list[_Entry] = []
+        rows = 0
+        for entry in order:
+            if rows + entry.job.rows > self.max_rows_per_call and chosen:
+                continue
+            chosen.append(entry)
+            rows += entry.job.rows
+        return chosen
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._accepting or self._active or self._waiting:
+            self._sweep()
+            self._admit()
+            chosen = self._select()
+            if not chosen:
+                self._wakeup.clear()
+                if not self._accepting and not self._waiting:
+                    break
+                await self._wakeup.wait()
+                continue
+            parts = [e.job.inputs() for e in chosen]
+            inputs = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            rows = sum(e.job.rows for e in chosen)
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+            except Exception:
+                log.exception("model %s failed on a step of %d rows from %d jobs", self.name, rows, len(chosen))
+                if self._metrics:
+                    self._metrics.failures.inc()
+                for entry in chosen:
+                    self._retire(entry, InferenceFailed(f"model {self.name} failed during sampling"))
+                continue
+            elapsed = time.perf_counter() - started
+            self._account(rows, elapsed)
+            output, offset = outputs[self.output], 0
+            for entry in chosen:
+                n = entry.job.rows
+                if not entry.cancelled and not entry.future.done():
+                    entry.job.advance(output[offset : offset + n])
+                    if entry.on_step is not None:
+                        entry.on_step()
+                offset += n
+                if entry.cancelled or entry.future.done():
+                    if self._metrics:
+                        self._metrics.cancelled.inc()
+                    self._retire(entry)
+                elif entry.job.done:
+                    self._retire(entry)
+
+    def _account(self, rows: int, elapsed: float) -> None:
+        s = self.stats
+        ns = int(elapsed * 1e9)
+        s.compute_count += 1
+        s.compute_ns += ns
+        s.rows += rows
+        s.batches += 1
+        s.last_inference_ms = int(time.time() * 1000)
+        per_size = s.by_batch_size.setdefault(rows, [0, 0])
+        per_size[0] += 1
+        per_size[1] += ns
+        if self._metrics:
+            self._metrics.inference_duration.observe(elapsed)
+            self._metrics.batch_size.observe(rows)
+            self._metrics.rows.inc(rows)
+            self._metrics.batches.inc()

@@ -1,0 +1,155 @@
+"""Generation on numpy: request validation, GAN inputs, and the DDIM/DDPM step over the ONNX denoiser.
+
+The diffusion step mirrors ``training/diffusion/sampler.py`` (itself diffusers' ``DDIMScheduler.step``
+with epsilon prediction and x0 clipping; Song et al. 2021, eq. 12) and is tested against it step
+by step. Everything the loop needs comes from the denoiser's manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.core.errors import InvalidInput, OutOfRange
+from services.core.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class DiffusionSchedule:
+    """The denoiser's noise schedule and conditioning conventions, read from its manifest."""
+
+    alphas_cumprod: np.ndarray  # float32 [T]
+    null_class: int
+    num_classes: int
+    default_guidance: float
+
+    @property
+    def num_train_steps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> DiffusionSchedule:
+        extra = manifest.extra
+        if extra.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"{manifest.name}: only epsilon prediction is supported, got {extra['prediction_type']}")
+        return cls(
+            alphas_cumprod=np.asarray(extra["alphas_cumprod"], dtype=np.float32),
+            null_class=int(extra["null_class"]),
+            num_classes=int(extra.get("num_classes", extra["null_class"])),
+            default_guidance=float(extra.get("default_guidance_scale", 1.0)),
+        )
+
+
+def timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
+    """Descending, evenly spaced ("leading") timesteps, as the reference sampler."""
+    ratio = num_train_steps // num_steps
+    return (np.arange(num_steps) * ratio)[::-1].astype(np.int64)
+
+
+def ddim_step(
+    eps: np.ndarray,
+    t: int,
+    t_prev: int,
+    x: np.ndarray,
+    alphas_cumprod: np.ndarray,
+    eta: float,
+    noise: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One DDIM update x_t -> x_{t_prev} (t_prev < 0: the last step). Returns (x_prev, predicted x0)."""
+    a_t = np.float32(alphas_cumprod[t])
+    a_prev = np.float32(alphas_cumprod[t_prev]) if t_prev >= 0 else np.float32(1.0)
+    x0 = np.clip((x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t), -1, 1)
+    eps = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+    sigma = np.float32(eta) * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    direction = np.sqrt(np.maximum(1 - a_prev - sigma**2, 0)) * eps
+    x_prev = np.sqrt(a_prev) * x0 + direction
+    if eta > 0 and noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev.astype(np.float32), x0.astype(np.float32)
+
+
+def to_pixels(x: np.ndarray) -> np.ndarray:
+    """Model space [-1, 1] -> pixels [0, 1]."""
+    return np.clip((x + 1) / 2, 0, 1).astype(np.float32)
+
+
+@dataclass
+class DiffusionJob:
+    """One request's sampling state; the step scheduler advances many of these in shared calls."""
+
+    labels: np.ndarray  # int64 [n]
+    guidance: float
+    eta: float
+    steps: np.ndarray  # descending timesteps
+    schedule: DiffusionSchedule
+    rng: np.random.Generator
+    x: np.ndarray = field(init=False)
+    x0: np.ndarray | None = None
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        self.x = self.rng.standard_normal((len(self.labels), 1, 28, 28), dtype=np.float32)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
+
+    @property
+    def rows(self) -> int:
+        """Denoiser rows per step: twice the images under classifier-free guidance."""
+        return len(self.labels) * (2 if self.guided else 1)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.steps)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        t = np.full(len(self.labels), self.steps[self.index], dtype=np.int64)
+        if not self.guided:
+            return {"x_t": self.x, "t": t, "label": self.labels}
+        null = np.full_like(self.labels, self.schedule.null_class)
+        return {
+            "x_t": np.concatenate([self.x, self.x]),
+            "t": np.concatenate([t, t]),
+            "label": np.concatenate([self.labels, null]),
+        }
+
+    def advance(self, eps: np.ndarray) -> None:
+        """Apply one step with this job's slice of the denoiser output."""
+        if self.guided:
+            cond, uncond = eps[: len(self.labels)], eps[len(self.labels) :]
+            eps = uncond + np.float32(self.guidance) * (cond - uncond)
+        t = int(self.steps[self.index])
+        t_prev = int(self.steps[self.index + 1]) if self.index + 1 < len(self.steps) else -1
+        noise = self.rng.standard_normal(self.x.shape, dtype=np.float32) if self.eta > 0 else None
+        self.x, self.x0 = ddim_step(eps, t, t_prev, self.x, self.schedule.alphas_cumprod, self.eta, noise)
+        self.index += 1
+
+    def images(self) -> np.ndarray:
+        return to_pixels(self.x)
+
+
+def resolve_labels(labels: list[int], count: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """One label per image: given for each, one for all, or drawn at random."""
+    for i, label in enumerate(labels):
+        if not 0 <= label < num_classes:
+            raise OutOfRange(f"labels[{i}]", label, f"classes are 0..{num_classes - 1}")
+    if not labels:
+        return rng.integers(0, num_classes, size=count).astype(np.int64)
+    if len(labels) == 1:
+        return np.full(count, labels[0], dtype=np.int64)
+    if len(labels) != count:
+        raise InvalidInput("labels", f"give none, one, or count={count} labels; got {len(labels)}")
+    return np.asarray(labels, dtype=np.int64)
+
+
+def check_count(count: int, max_count: int) -> int:
+    if not 1 <= count <= max_count:
+        raise OutOfRange("count", count, f"1..{max_count}")
+    return count
+
+
+def gan_inputs(labels: np.ndarray, latent_dim: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Seeded standard-normal noise and labels for the GAN generator."""
+    return {"z": rng.standard_normal((len(labels), latent_dim), dtype=np.float32), "label": labels}

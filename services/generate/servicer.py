@@ -1,0 +1,164 @@
+"""GenerateService: protobuf -> generation job -> batcher(s) -> protobuf."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+from grpc import aio
+
+from services.core.batching import DynamicBatcher
+from services.core.continuous import StepBatcher
+from services.core.convert import deadline_of, tensor_message
+from services.core.errors import InvalidInput, ModelNotFound, OutOfRange
+from services.core.images import encode_png
+from services.generate.grid import grid_png
+from services.generate.model import DiffusionJob, DiffusionSchedule, check_count, gan_inputs, resolve_labels, timesteps
+from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
+
+DEFAULT_STEPS = 50
+
+
+@dataclass
+class GanBackend:
+    name: str
+    version: int
+    batcher: DynamicBatcher
+    latent_dim: int
+    num_classes: int
+    output: str
+
+
+@dataclass
+class DiffusionBackend:
+    name: str
+    version: int
+    batcher: StepBatcher
+    schedule: DiffusionSchedule
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
+    def __init__(
+        self, gan: GanBackend | None, diffusion: DiffusionBackend | None, max_count: int, max_step_rows: int
+    ) -> None:
+        self.gan = gan
+        self.diffusion = diffusion
+        self.max_count = max_count
+        self.max_step_rows = max_step_rows
+
+    def _diffusion_job(
+        self, request: generate_pb2.GenerateRequest, labels: np.ndarray, rng: np.random.Generator
+    ) -> DiffusionJob:
+        assert self.diffusion is not None
+        schedule = self.diffusion.schedule
+        options = request.diffusion
+        total = schedule.num_train_steps
+        steps = options.steps or DEFAULT_STEPS
+        if not 1 <= steps <= total:
+            raise OutOfRange("diffusion.steps", steps, f"1..{total}")
+        if options.sampler == generate_pb2.SAMPLER_DDPM:
+            eta = 1.0
+        else:
+            eta = float(options.eta)
+            if not 0.0 <= eta <= 1.0 or not np.isfinite(eta):
+                raise OutOfRange("diffusion.eta", eta, "0..1")
+        guidance = options.guidance_scale if options.HasField("guidance_scale") else schedule.default_guidance
+        if not np.isfinite(guidance) or not 0.0 <= guidance <= 20.0:
+            raise OutOfRange("diffusion.guidance_scale", guidance, "0..20")
+        job = DiffusionJob(labels, float(guidance), eta, timesteps(total, steps), schedule, rng)
+        work = job.rows * steps
+        if work > self.max_step_rows:
+            raise OutOfRange(
+                "count x diffusion.steps",
+                work,
+                f"at most {self.max_step_rows} denoiser rows per request (x2 with guidance)",
+            )
+        return job
+
+    def _prepare(self, request: generate_pb2.GenerateRequest) -> tuple[str, np.ndarray, int, np.random.Generator]:
+        model = request.model or generate_pb2.GENERATOR_MODEL_GAN
+        if model not in (generate_pb2.GENERATOR_MODEL_GAN, generate_pb2.GENERATOR_MODEL_DIFFUSION):
+            raise InvalidInput("model", f"unknown generator {model}")
+        kind = "gan" if model == generate_pb2.GENERATOR_MODEL_GAN else "diffusion"
+        backend = self.gan if kind == "gan" else self.diffusion
+        if backend is None:
+            raise ModelNotFound(f"model: the {kind} generator is not served here")
+        count = check_count(request.count, self.max_count)
+        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        rng = np.random.default_rng(seed)
+        classes = self.gan.num_classes if kind == "gan" and self.gan else self.diffusion.schedule.num_classes  # type: ignore[union-attr]
+        labels = resolve_labels(list(request.labels), count, classes, rng)
+        return kind, labels, seed, rng
+
+    def _response(
+        self,
+        request: generate_pb2.GenerateRequest,
+        images: np.ndarray,
+        labels: np.ndarray,
+        seed: int,
+        name: str,
+        version: int,
+    ) -> generate_pb2.GenerateResponse:
+        response = generate_pb2.GenerateResponse(
+            labels=labels.tolist(), seed=seed, model_name=name, model_version=version
+        )
+        if request.output == generate_pb2.GENERATE_OUTPUT_TENSOR:
+            response.tensor.CopyFrom(tensor_message(images.astype(np.float32)))
+        elif request.output == generate_pb2.GENERATE_OUTPUT_GRID:
+            response.grid_png = grid_png(images)
+        else:
+            response.pngs.extend(encode_png(image) for image in images)
+        return response
+
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> generate_pb2.GenerateResponse:
+        kind, labels, seed, rng = self._prepare(request)
+        if kind == "gan":
+            assert self.gan is not None
+            outputs = await self.gan.batcher.submit(gan_inputs(labels, self.gan.latent_dim, rng), deadline_of(context))
+            return self._response(request, outputs[self.gan.output], labels, seed, self.gan.name, self.gan.version)
+        assert self.diffusion is not None
+        job = self._diffusion_job(request, labels, rng)
+        await self.diffusion.batcher.run(job, deadline_of(context))
+        return self._response(request, job.images(), labels, seed, self.diffusion.name, self.diffusion.version)
+
+    async def GenerateStream(
+        self, request: generate_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateEvent]:
+        kind, labels, seed, rng = self._prepare(request)
+        if kind == "gan":
+            yield generate_pb2.GenerateEvent(progress=generate_pb2.GenerateProgress(step=1, total_steps=1))
+            yield generate_pb2.GenerateEvent(result=await self.Generate(request, context))
+            return
+        assert self.diffusion is not None
+        job = self._diffusion_job(request, labels, rng)
+        total = len(job.steps)
+        every = request.diffusion.preview_every
+        events: asyncio.Queue[generate_pb2.GenerateProgress] = asyncio.Queue()
+
+        def on_step() -> None:
+            progress = generate_pb2.GenerateProgress(step=job.index, total_steps=total)
+            if every and (job.index % every == 0 or job.index == total) and job.x0 is not None:
+                progress.preview_png = grid_png((job.x0 + 1) / 2)
+            events.put_nowait(progress)
+
+        task = asyncio.ensure_future(self.diffusion.batcher.run(job, deadline_of(context), on_step))
+        try:
+            while not task.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield generate_pb2.GenerateEvent(progress=getter.result())
+                else:
+                    getter.cancel()
+            await task  # re-raises a failure of the job
+        finally:
+            if not task.done():
+                task.cancel()  # the client went away: the scheduler frees the job's rows before its next step
+        yield generate_pb2.GenerateEvent(
+            result=self._response(request, job.images(), labels, seed, self.diffusion.name, self.diffusion.version)
+        )
