@@ -142,7 +142,9 @@ def test_cancelled_stream_stops_and_frees_its_rows(generate_server: ServiceProce
 
 def test_expired_deadline_stops_sampling(generate_server: ServiceProcess) -> None:
     def rows() -> float:
-        return metric_value(generate_server.metrics_text(), "nnserve_model_inference_rows_total", model="diffusion_denoiser")
+        return metric_value(
+            generate_server.metrics_text(), "nnserve_model_inference_rows_total", model="diffusion_denoiser"
+        )
 
     before = rows()
     with GenerateClient(generate_server.address) as client:
@@ -242,3 +244,25 @@ def test_generate_cli(generate_server: ServiceProcess, tmp_path, capsys) -> None
     assert "step 5/5" in captured.err and "seed 2" in captured.out
     assert cli(["generate", "--address", generate_server.address, "--count", "2", "--out", str(tmp_path / "pngs")]) == 0
     assert len(list((tmp_path / "pngs").glob("gan-*.png"))) == 2
+
+
+def test_oip_serves_both_generators(generate_server: ServiceProcess) -> None:
+    from services.proto.inference import grpc_service_pb2 as pb
+    from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(generate_server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="diffusion_denoiser")
+        x = np.ones((2, 1, 28, 28), np.float32)
+        for name, datatype, array in (
+            ("x_t", "FP32", x),
+            ("t", "INT64", np.array([10, 20])),
+            ("label", "INT64", np.array([1, 10])),
+        ):
+            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+        reply = stub.ModelInfer(request, timeout=10)
+        eps = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(2, 1, 28, 28)
+        np.testing.assert_allclose(eps[:, 0, 0, 0], [0.5 + 0.01 + 0.001, 0.5 + 0.1 + 0.002], rtol=1e-5)
+        config = stub.ModelConfig(pb.ModelConfigRequest(name="gan_generator")).config
+        assert [(i.name, list(i.dims)) for i in config.input] == [("z", [8]), ("label", [])]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from services.core import oip
+from services.core.batching import DynamicBatcher
 from services.core.continuous import StepBatcher
 from services.core.errors import ModelLoadError, ModelNotFound
 from services.core.hosting import load_batched_model
@@ -66,6 +67,18 @@ def build(settings: GenerateSettings, registry: CollectorRegistry | None = None)
         metrics.model_info.labels("generate", version.name, str(version.version), runtime.provider).set(1)
         diffusion = DiffusionBackend(version.name, version.version, stepper, schedule)
         service.batchers.append(stepper)
+        # One-shot denoiser calls over OIP (ModelInfer) get a dynamic batcher of their own.
+        one_shot = DynamicBatcher(
+            runtime.predict,
+            name=version.name,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size,
+            enabled=settings.batching,
+            metrics=metrics.for_model(version.name),
+        )
+        service.batchers.append(one_shot)
+        hosted.append(oip.HostedModel(version.manifest, one_shot, runtime.provider))
     if gan is None and diffusion is None:
         raise ModelNotFound("no generator configured: set gan_model and/or diffusion_model")
     service.models = {b.name: str(b.version) for b in (gan, diffusion) if b is not None}
