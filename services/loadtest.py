@@ -3,6 +3,8 @@
     nnserve loadtest 127.0.0.1:50051 --concurrency 16 --duration 10
     nnserve loadtest 127.0.0.1:50051 --images-per-request 64 --concurrency 4 --json out.json
     nnserve loadtest 127.0.0.1:50051 --rate 2000 --arrivals poisson --duration 10
+    nnserve loadtest 127.0.0.1:50053 --rpc generate-stream --model diffusion --steps 50 -c 16
+    nnserve loadtest 127.0.0.1:50051 --rpc infer --model-name classifier -n 8
 
 Closed loop: N callers, each sends its next request when the last one returns. Open loop: requests
 start at a fixed rate (constant or Poisson arrivals) whatever the server does, and latency counts
@@ -21,7 +23,7 @@ import multiprocessing
 import random
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,15 @@ import grpc
 import numpy as np
 
 from services.client import channel_options, tensor_message
-from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
+from services.proto.inference import grpc_service_pb2 as oip_pb
+from services.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from services.proto.nnserve.v1 import (
+    classify_pb2,
+    classify_pb2_grpc,
+    generate_pb2_grpc,
+    restore_pb2,
+    restore_pb2_grpc,
+)
 
 
 class Histogram:
@@ -110,12 +120,9 @@ class Result:
         }
 
 
-def build_request(args: argparse.Namespace) -> classify_pb2.ClassifyRequest:
-    """The payload every call sends: sample images, random pixels, or files given on the command line."""
+def image_batch(args: argparse.Namespace) -> np.ndarray:
+    """uint8 [n, 28, 28]: the sample images (cycled) or random pixels."""
     n = args.images_per_request
-    if args.payload == "files":
-        images = [Path(p).read_bytes() for p in args.files]
-        return classify_pb2.ClassifyRequest(images=(images * n)[:n] if n else images, top_k=1)
     if args.payload == "samples":
         from services.core.images import decode_images
 
@@ -123,17 +130,72 @@ def build_request(args: argparse.Namespace) -> classify_pb2.ClassifyRequest:
         if not files:
             raise SystemExit(f"no PNG files in {args.samples_dir}")
         pixels = decode_images([f.read_bytes() for f in files])
-        batch = (pixels[np.arange(n) % len(pixels)] * 255).round().astype(np.uint8)
-    else:
-        batch = np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    return classify_pb2.ClassifyRequest(tensor=tensor_message(batch), top_k=1)
+        return (pixels[np.arange(n) % len(pixels)] * 255).round().astype(np.uint8)
+    return np.random.default_rng(0).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+
+
+def build_request(args: argparse.Namespace) -> classify_pb2.ClassifyRequest:
+    """The Classify payload: sample images, random pixels, or files given on the command line."""
+    n = args.images_per_request
+    if args.payload == "files":
+        images = [Path(p).read_bytes() for p in args.files]
+        return classify_pb2.ClassifyRequest(images=(images * n)[:n] if n else images, top_k=1)
+    return classify_pb2.ClassifyRequest(tensor=tensor_message(image_batch(args)), top_k=1)
+
+
+Caller = Callable[[], Awaitable[object]]
+
+
+async def make_caller(args: argparse.Namespace, channel: grpc.aio.Channel) -> tuple[Caller, int]:
+    """An async function making one call of the chosen RPC, and the images each call carries."""
+    timeout = args.timeout
+    if args.rpc == "classify":
+        request = build_request(args)
+        stub = classify_pb2_grpc.ClassifyServiceStub(channel)
+        count = len(request.images) if args.payload == "files" else args.images_per_request
+        return (lambda: stub.Classify(request, timeout=timeout)), count
+    if args.rpc == "restore":
+        restore_request = restore_pb2.RestoreRequest(tensor=tensor_message(image_batch(args)))
+        restore_stub = restore_pb2_grpc.RestoreServiceStub(channel)
+        return (lambda: restore_stub.Restore(restore_request, timeout=timeout)), args.images_per_request
+    if args.rpc in ("generate", "generate-stream"):
+        from services.client import GenerateClient
+
+        gen_request = GenerateClient.request(
+            model=args.model, count=args.images_per_request, steps=args.steps, seed=0, output="tensor"
+        )
+        gen_stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        if args.rpc == "generate":
+            return (lambda: gen_stub.Generate(gen_request, timeout=timeout)), args.images_per_request
+
+        async def stream() -> None:
+            async for _ in gen_stub.GenerateStream(gen_request, timeout=timeout):
+                pass
+
+        return stream, args.images_per_request
+    # OIP ModelInfer on any model: random inputs shaped from the model's own metadata.
+    oip = oip_grpc.GRPCInferenceServiceStub(channel)
+    meta = await oip.ModelMetadata(oip_pb.ModelMetadataRequest(name=args.model_name), timeout=timeout)
+    rng = np.random.default_rng(0)
+    infer = oip_pb.ModelInferRequest(model_name=args.model_name)
+    for tensor in meta.inputs:
+        shape = [args.images_per_request if i == 0 else max(d, 1) for i, d in enumerate(tensor.shape)]
+        if tensor.datatype == "FP32":
+            data = rng.random(shape, dtype=np.float32).astype("<f4").tobytes()
+        elif tensor.datatype == "INT64":
+            data = rng.integers(0, 10, size=shape).astype("<i8").tobytes()
+        else:
+            raise SystemExit(f"loadtest: input {tensor.name} has datatype {tensor.datatype}, not supported here")
+        infer.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+        infer.raw_input_contents.append(data)
+    return (lambda: oip.ModelInfer(infer, timeout=timeout)), args.images_per_request
 
 
 async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: int) -> Result:
-    request = build_request(args)
-    images = args.images_per_request if args.payload != "files" else len(request.images)
     channels = [grpc.aio.insecure_channel(args.target, options=channel_options()) for _ in range(args.channels)]
-    stubs = [classify_pb2_grpc.ClassifyServiceStub(c) for c in channels]
+    made = [await make_caller(args, c) for c in channels]
+    stubs = [caller for caller, _ in made]
+    images = made[0][1]
     result = Result()
     loop = asyncio.get_running_loop()
     measure_from = loop.time() + args.warmup
@@ -142,7 +204,7 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
 
     async def call(stub: Any, intended: float) -> None:
         try:
-            await stub.Classify(request, timeout=args.timeout)
+            await stub()
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
@@ -237,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     config = {
         "target": args.target,
-        "rpc": "Classify",
+        "rpc": args.rpc,
         "mode": "open" if args.rate else "closed",
         "concurrency": args.concurrency,
         "rate": args.rate,
@@ -270,7 +332,16 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="host:port of a classify service")
+    p.add_argument("target", help="host:port of an nnserve service")
+    p.add_argument(
+        "--rpc",
+        choices=["classify", "restore", "generate", "generate-stream", "infer"],
+        default="classify",
+        help="which RPC to load: the typed APIs, or OIP ModelInfer (infer) on --model-name",
+    )
+    p.add_argument("--model", choices=["gan", "diffusion"], default="gan", help="generate: which generator")
+    p.add_argument("--steps", type=int, default=10, help="generate: diffusion steps")
+    p.add_argument("--model-name", default="classifier", help="infer: the model to call")
     p.add_argument("--concurrency", "-c", type=int, default=16, help="closed loop: callers")
     p.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (0: closed loop)")
     p.add_argument("--arrivals", choices=["constant", "poisson"], default="poisson")

@@ -76,3 +76,25 @@ def test_loadtest_counts_errors_by_code(classify_server: ServiceProcess, tmp_pat
     assert loadtest(args) == 1
     report = json.loads(out.read_text())
     assert report["ok"] == 0 and report["errors"].get("INVALID_ARGUMENT", 0) >= 10
+
+
+@pytest.mark.parametrize(
+    "server, args",
+    [
+        ("restore_server", ["--rpc", "restore", "-n", "4"]),
+        ("generate_server", ["--rpc", "generate", "--model", "gan", "-n", "2"]),
+        ("generate_server", ["--rpc", "generate-stream", "--model", "diffusion", "--steps", "3"]),
+        ("classify_server", ["--rpc", "infer", "--model-name", "classifier", "-n", "3"]),
+        ("generate_server", ["--rpc", "infer", "--model-name", "diffusion_denoiser", "-n", "2"]),
+    ],
+    ids=["restore", "gan", "diffusion-stream", "infer-classifier", "infer-denoiser"],
+)
+def test_loadtest_targets_every_rpc(
+    request: pytest.FixtureRequest, server: str, args: list[str], tmp_path: Path
+) -> None:
+    target: ServiceProcess = request.getfixturevalue(server)
+    out = tmp_path / "report.json"
+    common = ["-c", "2", "--duration", "1", "--warmup", "0.2", "--json", str(out), "--quiet"]
+    assert loadtest([target.address, *args, *common]) == 0
+    report = json.loads(out.read_text())
+    assert report["ok"] >= 2 and report["errors"] == {} and report["config"]["rpc"] == args[1]
