@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Self
 
 import grpc
 import numpy as np
@@ -37,11 +38,27 @@ def channel_options(
     return options
 
 
-class ClassifyClient:
-    """Blocking client of nnserve.v1.ClassifyService."""
+class _Client:
+    """A blocking client over one channel (its own, or one passed in); usable as a context manager."""
 
     def __init__(self, target: str, channel: grpc.Channel | None = None, round_robin: bool = False) -> None:
         self.channel = channel or grpc.insecure_channel(target, options=channel_options(round_robin=round_robin))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ClassifyClient(_Client):
+    """Blocking client of nnserve.v1.ClassifyService."""
+
+    def __init__(self, target: str, channel: grpc.Channel | None = None, round_robin: bool = False) -> None:
+        super().__init__(target, channel, round_robin)
         self.stub = classify_pb2_grpc.ClassifyServiceStub(self.channel)
 
     def classify(
@@ -56,21 +73,12 @@ class ClassifyClient:
             request.tensor.CopyFrom(tensor_message(tensor))
         return self.stub.Classify(request, timeout=timeout)
 
-    def close(self) -> None:
-        self.channel.close()
 
-    def __enter__(self) -> ClassifyClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class RestoreClient:
+class RestoreClient(_Client):
     """Blocking client of nnserve.v1.RestoreService."""
 
     def __init__(self, target: str, channel: grpc.Channel | None = None, round_robin: bool = False) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=channel_options(round_robin=round_robin))
+        super().__init__(target, channel, round_robin)
         self.stub = restore_pb2_grpc.RestoreServiceStub(self.channel)
 
     def restore(
@@ -90,21 +98,12 @@ class RestoreClient:
             request.mask_tensor.CopyFrom(tensor_message(mask_tensor))
         return self.stub.Restore(request, timeout=timeout)
 
-    def close(self) -> None:
-        self.channel.close()
 
-    def __enter__(self) -> RestoreClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class GenerateClient:
+class GenerateClient(_Client):
     """Blocking client of nnserve.v1.GenerateService."""
 
     def __init__(self, target: str, channel: grpc.Channel | None = None, round_robin: bool = False) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=channel_options(round_robin=round_robin))
+        super().__init__(target, channel, round_robin)
         self.stub = generate_pb2_grpc.GenerateServiceStub(self.channel)
 
     @staticmethod
@@ -146,15 +145,6 @@ class GenerateClient:
     def stream(self, timeout: float | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
         """Iterate GenerateEvents (progress, then the result)."""
         return self.stub.GenerateStream(self.request(**kwargs), timeout=timeout)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> GenerateClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def check_health(target: str, service: str = "", timeout: float = 5.0) -> str:
