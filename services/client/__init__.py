@@ -19,7 +19,15 @@ from services.proto.nnserve.v1 import (
     restore_pb2_grpc,
 )
 
-__all__ = ["ClassifyClient", "GenerateClient", "RestoreClient", "channel_options", "check_health", "tensor_message"]
+__all__ = [
+    "ClassifyClient",
+    "GenerateClient",
+    "RestoreClient",
+    "channel_options",
+    "check_health",
+    "secure_channel",
+    "tensor_message",
+]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -36,6 +44,26 @@ def channel_options(
     if round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
+
+
+def secure_channel(
+    target: str,
+    ca_file: str | None = None,
+    token: str | None = None,
+    client_cert_file: str | None = None,
+    client_key_file: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> grpc.Channel:
+    """A TLS channel (CA bundle, optional client certificate for mutual TLS) that sends
+    ``authorization: Bearer <token>`` on every call when a token is given."""
+
+    def read(path: str | None) -> bytes | None:
+        return None if path is None else open(path, "rb").read()
+
+    credentials = grpc.ssl_channel_credentials(read(ca_file), read(client_key_file), read(client_cert_file))
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(target, credentials, options=channel_options(max_message_bytes))
 
 
 class _Client:

@@ -48,3 +48,11 @@ class InferenceFailed(NnserveError):
 
 class Unavailable(NnserveError):
     """The server is shutting down or not ready."""
+
+
+class Unauthenticated(NnserveError):
+    """The call lacks valid credentials. The message says no more than that."""
+
+
+class ConfigError(NnserveError):
+    """The service's settings cannot work (missing or unreadable files, contradictory options)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import signal
@@ -44,6 +45,7 @@ _STATUS: dict[type[errors.NnserveError], grpc.StatusCode] = {
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.InferenceFailed: grpc.StatusCode.INTERNAL,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -61,8 +63,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 class ServerInterceptor(aio.ServerInterceptor):
     """Wraps every method handler once (cached per method) with error mapping and metrics."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, token: str | None = None, exempt: tuple[str, ...] = ()) -> None:
         self._metrics = metrics
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._exempt = exempt
         self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
         self._counters: dict[tuple[str, str], Any] = {}
 
@@ -88,8 +92,19 @@ class ServerInterceptor(aio.ServerInterceptor):
             self._counters[(method, code)] = counter
         counter.inc()
 
+    def _authorized(self, context: aio.ServicerContext) -> bool:
+        """Constant-time comparison of the call's bearer token with the configured one."""
+        assert self._expected is not None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected)
+        return False
+
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         metrics = self._metrics
+        needs_auth = self._expected is not None and not method.startswith(self._exempt)
+        authorized = self._authorized
         duration = metrics.request_duration.labels(metrics.service, method)
         in_flight = metrics.in_flight.labels(metrics.service)
         count = self._count
@@ -118,6 +133,8 @@ class ServerInterceptor(aio.ServerInterceptor):
                 in_flight.inc()
                 code = "OK"
                 try:
+                    if needs_auth and not authorized(context):
+                        raise errors.Unauthenticated("missing or invalid bearer token")
                     return await inner_uu(request, context)
                 except aio.AbortError:
                     code = code_of(context, "UNKNOWN")
@@ -146,6 +163,8 @@ class ServerInterceptor(aio.ServerInterceptor):
                 in_flight.inc()
                 code = "OK"
                 try:
+                    if needs_auth and not authorized(context):
+                        raise errors.Unauthenticated("missing or invalid bearer token")
                     result = inner_s(request, context)
                     if hasattr(result, "__aiter__"):
                         async for item in result:
@@ -199,6 +218,30 @@ class Service:
         return [full_name for _, _, full_name in self.servicers]
 
 
+def bearer_token(settings: ServiceSettings) -> str | None:
+    """The configured bearer token (None: auth off); unreadable token files are ConfigErrors."""
+    try:
+        return settings.bearer_token()
+    except (OSError, ValueError) as exc:
+        raise errors.ConfigError(f"auth token: {exc}") from None
+
+
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files, or None for plaintext."""
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        if settings.tls_client_ca_file is not None:
+            raise errors.ConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise errors.ConfigError("TLS needs both tls_cert_file and tls_key_file")
+    try:
+        pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+        client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    except OSError as exc:
+        raise errors.ConfigError(f"cannot read TLS file: {exc}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 class GrpcServer:
     """A started grpc.aio server for one :class:`Service`, with health and reflection."""
 
@@ -210,7 +253,9 @@ class GrpcServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = aio.server(interceptors=[ServerInterceptor(service.metrics)], options=options)
+        exempt = (health.SERVICE_NAME + "/",) if settings.auth_exempt_health else ()
+        interceptor = ServerInterceptor(service.metrics, bearer_token(settings), exempt)
+        self.server = aio.server(interceptors=[interceptor], options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for add_to_server, servicer, _ in service.servicers:
@@ -222,7 +267,11 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind, start the batchers and the server, then report SERVING; returns the bound port."""
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {address}")
         for batcher in self.service.batchers:
@@ -312,8 +361,10 @@ def main(
         parser.error(str(exc))
     configure_logging(settings.log_level)
     try:
+        server_credentials(settings)
+        bearer_token(settings)
         service = build(settings)
-    except (errors.ModelNotFound, errors.ModelLoadError) as exc:
+    except (errors.ModelNotFound, errors.ModelLoadError, errors.ConfigError) as exc:
         log.error("cannot start: %s", exc)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

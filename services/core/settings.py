@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -66,6 +66,29 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(10.0, ge=0.0, description="Time in-flight calls get to finish on SIGTERM.")
     warmup: bool = Field(True, description="Run the model once per batch size bucket before SERVING.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain); with tls_key_file enables TLS."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of the server certificate.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
+    )
+    auth_token: SecretStr | None = Field(
+        None, description="Bearer token every call must carry (prefer auth_token_file)."
+    )
+    auth_token_file: Path | None = Field(None, description="File holding the bearer token (first line).")
+    auth_exempt_health: bool = Field(True, description="Let grpc.health.v1 calls through without the token (probes).")
+
+    def bearer_token(self) -> str | None:
+        """The configured bearer token, from auth_token or auth_token_file, or None when auth is off."""
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value()
+        if self.auth_token_file is not None:
+            token = self.auth_token_file.read_text().strip().splitlines()
+            if not token or not token[0].strip():
+                raise ValueError(f"{self.auth_token_file}: empty token file")
+            return token[0].strip()
+        return None
 
     @property
     def threads(self) -> int:
