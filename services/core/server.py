@@ -125,6 +125,20 @@ class ServerInterceptor(aio.ServerInterceptor):
             code = context.code()
             return code.name if isinstance(code, grpc.StatusCode) else default
 
+        # Unary requests are parsed here rather than by gRPC, so that bytes that are not the
+        # request message get INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing".
+        deserialize = handler.request_deserializer
+
+        def parse(raw: Any) -> Any:
+            if deserialize is None or not isinstance(raw, bytes):
+                return raw
+            try:
+                return deserialize(raw)
+            except Exception:
+                raise errors.InvalidInput(
+                    "request", f"{len(raw)} bytes that do not parse as the request message"
+                ) from None
+
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
@@ -135,7 +149,7 @@ class ServerInterceptor(aio.ServerInterceptor):
                 try:
                     if needs_auth and not authorized(context):
                         raise errors.Unauthenticated("missing or invalid bearer token")
-                    return await inner_uu(request, context)
+                    return await inner_uu(parse(request), context)
                 except aio.AbortError:
                     code = code_of(context, "UNKNOWN")
                     raise
@@ -150,9 +164,7 @@ class ServerInterceptor(aio.ServerInterceptor):
                     duration.observe(time.perf_counter() - started)
                     count(method, code, started)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
 
         if handler.unary_stream is not None or handler.stream_stream is not None:
             streaming_request = handler.stream_stream is not None
@@ -165,7 +177,7 @@ class ServerInterceptor(aio.ServerInterceptor):
                 try:
                     if needs_auth and not authorized(context):
                         raise errors.Unauthenticated("missing or invalid bearer token")
-                    result = inner_s(request, context)
+                    result = inner_s(request if streaming_request else parse(request), context)
                     if hasattr(result, "__aiter__"):
                         async for item in result:
                             yield item
@@ -185,8 +197,9 @@ class ServerInterceptor(aio.ServerInterceptor):
                     duration.observe(time.perf_counter() - started)
                     count(method, code, started)
 
-            make = grpc.stream_stream_rpc_method_handler if streaming_request else grpc.unary_stream_rpc_method_handler
-            return make(stream, handler.request_deserializer, handler.response_serializer)
+            if streaming_request:
+                return grpc.stream_stream_rpc_method_handler(stream, deserialize, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(stream, None, handler.response_serializer)
         return handler
 
 
