@@ -24,7 +24,7 @@ def test_a_failing_batch_fails_its_requests_with_internal_and_the_server_stays_u
     settings = ClassifySettings(model_repository=tiny_repository, port=0, metrics_port=None, max_delay_ms=300)
     registry = CollectorRegistry()
     service = build(settings, registry)
-    batcher = service.batchers[0]
+    batcher = service.slots[0].current.batcher
     real_predict = batcher._predict
 
     def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

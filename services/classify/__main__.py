@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from services.classify.model import ClassifierModel
 from services.classify.servicer import ClassifyServicer
 from services.core import oip
-from services.core.hosting import load_batched_model
+from services.core.deployment import ModelSlot
 from services.core.metrics import Metrics
 from services.core.server import Service
 from services.core.server import main as service_main
@@ -22,18 +22,25 @@ SERVICE_NAME = classify_pb2.DESCRIPTOR.services_by_name["ClassifyService"].full_
 def build(settings: ClassifySettings, registry: CollectorRegistry | None = None) -> Service:
     """Load and warm the classifier, and wire model, batcher and servicers together."""
     metrics = Metrics(registry or CollectorRegistry(), "classify")
-    loaded = load_batched_model(settings, settings.model_name, metrics, settings.model_version)
-    version = loaded.version
-    model = ClassifierModel(version.manifest, settings.max_images_per_request)
+    slot = ModelSlot(
+        settings,
+        settings.model_name,
+        metrics,
+        lambda manifest: ClassifierModel(manifest, settings.max_images_per_request),
+        settings.model_version,
+    )
+    current = slot.current
     service = Service(
-        name="classify", metrics=metrics, batchers=[loaded.batcher], models={version.name: str(version.version)}
+        name="classify",
+        metrics=metrics,
+        batchers=[slot],
+        slots=[slot],
+        models={current.manifest.name: str(current.number)},
     )
-    servicer = ClassifyServicer(model, loaded.batcher, version.version, settings.default_top_k)
+    servicer = ClassifyServicer(slot, settings.default_top_k)
     service.add_servicer(classify_pb2_grpc.add_ClassifyServiceServicer_to_server, servicer, SERVICE_NAME)
-    hosted = oip.HostedModel(version.manifest, loaded.batcher, loaded.runtime.provider)
-    service.add_servicer(
-        oip.add_to_server, oip.InferenceServicer([hosted], settings.max_images_per_request), oip.SERVICE_NAME
-    )
+    oip_servicer = oip.InferenceServicer([oip.HostedModel(slot)], settings.max_images_per_request)
+    service.add_servicer(oip.add_to_server, oip_servicer, oip.SERVICE_NAME)
     return service
 
 

@@ -5,33 +5,33 @@ from __future__ import annotations
 from grpc import aio
 
 from services.classify.model import ClassifierModel
-from services.core.batching import DynamicBatcher
 from services.core.convert import deadline_of, tensor_input
+from services.core.deployment import ModelSlot
 from services.core.errors import ModelNotFound
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 
 
 class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
-    def __init__(self, model: ClassifierModel, batcher: DynamicBatcher, version: int, default_top_k: int) -> None:
-        self.model = model
-        self.batcher = batcher
-        self.version = version
+    def __init__(self, slot: ModelSlot[ClassifierModel], default_top_k: int) -> None:
+        self.slot = slot
         self.default_top_k = default_top_k
 
     async def Classify(
         self, request: classify_pb2.ClassifyRequest, context: aio.ServicerContext
     ) -> classify_pb2.ClassifyResponse:
-        if request.model_version and request.model_version != self.version:
+        deployment = self.slot.current  # one version for the whole request, even across a reload
+        model, version = deployment.view, deployment.number
+        if request.model_version and request.model_version != version:
             raise ModelNotFound(
-                f"model_version: {request.model_version} is not served here (serving version {self.version})"
+                f"model_version: {request.model_version} is not served here (serving version {version})"
             )
-        k = self.model.top_k(request.top_k, self.default_top_k)
+        k = model.top_k(request.top_k, self.default_top_k)
         tensor = tensor_input(request.tensor) if request.HasField("tensor") else None
-        batch = self.model.batch(list(request.images), tensor)
-        outputs = await self.batcher.submit({self.model.input_name: batch}, deadline_of(context))
-        result = self.model.postprocess(outputs[self.model.output_name], k)
-        labels = self.model.labels
-        response = classify_pb2.ClassifyResponse(model_name=self.model.manifest.name, model_version=self.version)
+        batch = model.batch(list(request.images), tensor)
+        outputs = await deployment.batcher.submit({model.input_name: batch}, deadline_of(context))
+        result = model.postprocess(outputs[model.output_name], k)
+        labels = model.labels
+        response = classify_pb2.ClassifyResponse(model_name=model.manifest.name, model_version=version)
         for ids, probs, score, flag in zip(
             result.class_ids.tolist(),
             result.probabilities.tolist(),

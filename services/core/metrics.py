@@ -112,6 +112,12 @@ class Metrics:
             ["service", "model", "reason"],
             registry=registry,
         )
+        self.reloads = Counter(
+            "nnserve_model_reloads_total",
+            "Model version reloads, by result (loaded or rejected).",
+            ["service", "model", "result"],
+            registry=registry,
+        )
         self.model_info = Gauge(
             "nnserve_model_info",
             "The model version being served (value 1).",

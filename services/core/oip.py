@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from grpc import aio
 
-from services.core.batching import DynamicBatcher
 from services.core.convert import deadline_of
+from services.core.deployment import Deployment, ModelSlot, StaticSlot
 from services.core.errors import InvalidInput, ModelNotFound
 from services.core.manifest import Manifest, TensorSpec
 from services.proto.inference import grpc_service_pb2 as pb
@@ -62,21 +62,23 @@ BY_MANIFEST = {
 }
 
 
-@dataclass
 class HostedModel:
-    """One model version this process serves over OIP, and the batcher its requests go through."""
+    """One model this process serves over OIP: whatever version its slot holds right now."""
 
-    manifest: Manifest
-    batcher: DynamicBatcher
-    provider: str = "CPUExecutionProvider"
+    def __init__(self, slot: ModelSlot[Any] | StaticSlot[Any]) -> None:
+        self.slot = slot
+
+    @property
+    def deployment(self) -> Deployment[Any]:
+        return self.slot.current
 
     @property
     def name(self) -> str:
-        return self.manifest.name
+        return self.slot.current.manifest.name
 
     @property
     def version(self) -> str:
-        return str(self.manifest.version)
+        return str(self.slot.current.number)
 
 
 def _spec_dtype(spec: TensorSpec) -> _DType:
@@ -170,11 +172,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=all(m.batcher.accepting for m in self.models.values()))
+        return pb.ServerReadyResponse(ready=all(m.deployment.batcher.accepting for m in self.models.values()))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
         model = self.models.get(request.name)
-        ready = model is not None and request.version in ("", model.version) and model.batcher.accepting
+        ready = model is not None and request.version in ("", model.version) and model.deployment.batcher.accepting
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
@@ -185,20 +187,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model = self._model(request.name, request.version)
+        deployment = self._model(request.name, request.version).deployment
+        manifest = deployment.manifest
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[model.version],
+            name=manifest.name,
+            versions=[str(deployment.number)],
             platform=PLATFORM,
-            inputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in model.manifest.inputs],
-            outputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in model.manifest.outputs],
+            inputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in manifest.inputs],
+            outputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in manifest.outputs],
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext) -> pb.ModelConfigResponse:
-        model = self._model(request.name, request.version)
-        batcher = model.batcher
-        gpu = model.provider.startswith(("CUDA", "Tensorrt"))
+        deployment = self._model(request.name, request.version).deployment
+        model, batcher = deployment.manifest, deployment.batcher
+        gpu = deployment.runtime.provider.startswith(("CUDA", "Tensorrt"))
         config = config_pb.ModelConfig(
             name=model.name,
             platform=PLATFORM,
@@ -206,11 +209,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             max_batch_size=batcher.max_batch_size,
             input=[
                 config_pb.ModelInput(name=s.name, data_type=_spec_dtype(s).config, dims=s.shape[1:])
-                for s in model.manifest.inputs
+                for s in model.inputs
             ],
             output=[
                 config_pb.ModelOutput(name=s.name, data_type=_spec_dtype(s).config, dims=s.shape[1:])
-                for s in model.manifest.outputs
+                for s in model.outputs
             ],
             instance_group=[
                 config_pb.ModelInstanceGroup(
@@ -230,7 +233,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         models = [self._model(request.name, request.version)] if request.name else list(self.models.values())
         reply = pb.ModelStatisticsResponse()
         for model in models:
-            s = model.batcher.stats
+            s = model.deployment.batcher.stats
             reply.model_stats.add(
                 name=model.name,
                 version=model.version,
@@ -253,16 +256,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
-        model = self._model(request.model_name, request.model_version)
-        inputs = decode_inputs(request, model.manifest, self.max_rows)
-        declared = [s.name for s in model.manifest.outputs]
+        deployment = self._model(request.model_name, request.model_version).deployment
+        model = deployment.manifest
+        inputs = decode_inputs(request, model, self.max_rows)
+        declared = [s.name for s in model.outputs]
         wanted = [o.name for o in request.outputs] or declared
         for i, name in enumerate(wanted):
             if name not in declared:
                 raise InvalidInput(f"outputs[{i}]", f"model {model.name} has no output {name!r} (outputs: {declared})")
-        outputs = await model.batcher.submit(inputs, deadline_of(context))
-        specs = {s.name: s for s in model.manifest.outputs}
-        reply = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        outputs = await deployment.batcher.submit(inputs, deadline_of(context))
+        specs = {s.name: s for s in model.outputs}
+        reply = pb.ModelInferResponse(model_name=model.name, model_version=str(deployment.number), id=request.id)
         for name in wanted:
             array = np.ascontiguousarray(outputs[name])
             reply.outputs.add(name=name, datatype=_spec_dtype(specs[name]).name, shape=array.shape)

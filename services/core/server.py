@@ -222,6 +222,7 @@ class Service:
     servicers: list[tuple[Callable[[Any, Any], None], Any, str]] = field(default_factory=list)
     batchers: list[Worker] = field(default_factory=list)
     models: dict[str, str] = field(default_factory=dict)
+    slots: list[Any] = field(default_factory=list)  # ModelSlots: reloadable models
 
     def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any, full_name: str) -> None:
         self.servicers.append((add_to_server, servicer, full_name))
@@ -276,6 +277,12 @@ class GrpcServer:
         names = [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         self.port = 0
+        self._watchers: list[asyncio.Task[None]] = []
+
+    async def reload(self) -> None:
+        """Load the newest version of every reloadable model (SIGHUP)."""
+        for slot in self.service.slots:
+            await slot.reload(explicit=True)
 
     async def start(self) -> int:
         """Bind, start the batchers and the server, then report SERVING; returns the bound port."""
@@ -290,12 +297,19 @@ class GrpcServer:
         for batcher in self.service.batchers:
             batcher.start()
         await self.server.start()
+        if self.settings.model_poll_interval_s > 0:
+            loop = asyncio.get_running_loop()
+            self._watchers = [
+                loop.create_task(slot.watch(self.settings.model_poll_interval_s)) for slot in self.service.slots
+            ]
         for name in ["", *self.service.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``, stop batchers."""
+        for watcher in self._watchers:
+            watcher.cancel()
         await self.health.enter_graceful_shutdown()
         for batcher in self.service.batchers:
             batcher.begin_drain()
@@ -316,6 +330,14 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info(
         "%s serving %s on %s:%d (metrics: %s)",
         service.name,

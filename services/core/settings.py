@@ -64,6 +64,9 @@ class ServiceSettings(BaseSettings):
     batching: bool = Field(True, description="Merge concurrent requests; off runs each request alone.")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message in or out.")
     grace_period_s: float = Field(10.0, ge=0.0, description="Time in-flight calls get to finish on SIGTERM.")
+    model_poll_interval_s: float = Field(
+        10.0, ge=0.0, description="How often to look for a newer model version to load (0: only on SIGHUP)."
+    )
     warmup: bool = Field(True, description="Run the model once per batch size bucket before SERVING.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     tls_cert_file: Path | None = Field(

@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry
 from services.core import oip
 from services.core.batching import DynamicBatcher
 from services.core.continuous import StepBatcher
+from services.core.deployment import Deployment, ModelSlot, StaticSlot
 from services.core.errors import ModelLoadError, ModelNotFound
-from services.core.hosting import load_batched_model
 from services.core.metrics import Metrics
 from services.core.repository import ModelRepository
 from services.core.runtime import OnnxModel
@@ -18,7 +18,7 @@ from services.core.server import Service
 from services.core.server import main as service_main
 from services.core.settings import GenerateSettings
 from services.generate.model import DiffusionSchedule
-from services.generate.servicer import DiffusionBackend, GanBackend, GenerateServicer
+from services.generate.servicer import DiffusionBackend, GanView, GenerateServicer
 from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
@@ -29,20 +29,13 @@ def build(settings: GenerateSettings, registry: CollectorRegistry | None = None)
     metrics = Metrics(registry or CollectorRegistry(), "generate")
     service = Service(name="generate", metrics=metrics)
     hosted: list[oip.HostedModel] = []
-    gan = diffusion = None
+    gan: ModelSlot[GanView] | None = None
+    diffusion: DiffusionBackend | None = None
     if settings.gan_model:
-        loaded = load_batched_model(settings, settings.gan_model, metrics)
-        manifest = loaded.version.manifest
-        gan = GanBackend(
-            manifest.name,
-            manifest.version,
-            loaded.batcher,
-            int(manifest.extra["latent_dim"]),
-            int(manifest.extra.get("num_classes", len(manifest.labels) or 10)),
-            manifest.outputs[0].name,
-        )
-        service.batchers.append(loaded.batcher)
-        hosted.append(oip.HostedModel(manifest, loaded.batcher, loaded.runtime.provider))
+        gan = ModelSlot(settings, settings.gan_model, metrics, GanView.from_manifest)
+        service.batchers.append(gan)
+        service.slots.append(gan)
+        hosted.append(oip.HostedModel(gan))
     if settings.diffusion_model:
         version = ModelRepository(settings.model_repository).resolve(settings.diffusion_model)
         runtime = OnnxModel(version, settings.providers, settings.threads, settings.allow_spinning)
@@ -78,10 +71,14 @@ def build(settings: GenerateSettings, registry: CollectorRegistry | None = None)
             metrics=metrics.for_model(version.name),
         )
         service.batchers.append(one_shot)
-        hosted.append(oip.HostedModel(version.manifest, one_shot, runtime.provider))
+        hosted.append(oip.HostedModel(StaticSlot(Deployment(version, runtime, one_shot, None))))
     if gan is None and diffusion is None:
         raise ModelNotFound("no generator configured: set gan_model and/or diffusion_model")
-    service.models = {b.name: str(b.version) for b in (gan, diffusion) if b is not None}
+    service.models = {}
+    if gan is not None:
+        service.models[gan.current.manifest.name] = str(gan.current.number)
+    if diffusion is not None:
+        service.models[diffusion.name] = str(diffusion.version)
     servicer = GenerateServicer(gan, diffusion, settings.max_count, settings.max_step_rows_per_request)
     service.add_servicer(generate_pb2_grpc.add_GenerateServiceServicer_to_server, servicer, SERVICE_NAME)
     if hosted:

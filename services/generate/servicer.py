@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 from grpc import aio
 
-from services.core.batching import DynamicBatcher
 from services.core.continuous import StepBatcher
 from services.core.convert import deadline_of, tensor_message
+from services.core.deployment import ModelSlot
 from services.core.errors import InvalidInput, ModelNotFound, OutOfRange
 from services.core.images import encode_png
+from services.core.manifest import Manifest
 from services.generate.grid import grid_png
 from services.generate.model import DiffusionJob, DiffusionSchedule, check_count, gan_inputs, resolve_labels, timesteps
 from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
@@ -22,14 +23,22 @@ from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
 DEFAULT_STEPS = 50
 
 
-@dataclass
-class GanBackend:
-    name: str
-    version: int
-    batcher: DynamicBatcher
+@dataclass(frozen=True)
+class GanView:
+    """What generation needs from a GAN generator's manifest."""
+
     latent_dim: int
     num_classes: int
     output: str
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> GanView:
+        extra = manifest.extra
+        return cls(
+            int(extra["latent_dim"]),
+            int(extra.get("num_classes", len(manifest.labels) or 10)),
+            manifest.outputs[0].name,
+        )
 
 
 @dataclass
@@ -42,7 +51,7 @@ class DiffusionBackend:
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
     def __init__(
-        self, gan: GanBackend | None, diffusion: DiffusionBackend | None, max_count: int, max_step_rows: int
+        self, gan: ModelSlot[GanView] | None, diffusion: DiffusionBackend | None, max_count: int, max_step_rows: int
     ) -> None:
         self.gan = gan
         self.diffusion = diffusion
@@ -89,7 +98,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         count = check_count(request.count, self.max_count)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         rng = np.random.default_rng(seed)
-        classes = self.gan.num_classes if kind == "gan" and self.gan else self.diffusion.schedule.num_classes  # type: ignore[union-attr]
+        classes = (
+            self.gan.current.view.num_classes if kind == "gan" and self.gan else self.diffusion.schedule.num_classes
+        )  # type: ignore[union-attr]
         labels = resolve_labels(list(request.labels), count, classes, rng)
         return kind, labels, seed, rng
 
@@ -119,8 +130,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         kind, labels, seed, rng = self._prepare(request)
         if kind == "gan":
             assert self.gan is not None
-            outputs = await self.gan.batcher.submit(gan_inputs(labels, self.gan.latent_dim, rng), deadline_of(context))
-            return self._response(request, outputs[self.gan.output], labels, seed, self.gan.name, self.gan.version)
+            gan = self.gan.current
+            outputs = await gan.batcher.submit(gan_inputs(labels, gan.view.latent_dim, rng), deadline_of(context))
+            return self._response(request, outputs[gan.view.output], labels, seed, gan.manifest.name, gan.number)
         assert self.diffusion is not None
         job = self._diffusion_job(request, labels, rng)
         await self.diffusion.batcher.run(job, deadline_of(context))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from services.core import oip
-from services.core.hosting import load_batched_model
+from services.core.deployment import ModelSlot
 from services.core.metrics import Metrics
 from services.core.server import Service
 from services.core.server import main as service_main
@@ -22,21 +22,24 @@ SERVICE_NAME = restore_pb2.DESCRIPTOR.services_by_name["RestoreService"].full_na
 def build(settings: RestoreSettings, registry: CollectorRegistry | None = None) -> Service:
     """Load and warm the autoencoder, and wire model, batcher and servicers together."""
     metrics = Metrics(registry or CollectorRegistry(), "restore")
-    loaded = load_batched_model(settings, settings.model_name, metrics, settings.model_version)
-    version = loaded.version
-    model = RestorerModel(version.manifest, settings.max_images_per_request)
+    slot = ModelSlot(
+        settings,
+        settings.model_name,
+        metrics,
+        lambda manifest: RestorerModel(manifest, settings.max_images_per_request),
+        settings.model_version,
+    )
+    current = slot.current
     service = Service(
-        name="restore", metrics=metrics, batchers=[loaded.batcher], models={version.name: str(version.version)}
+        name="restore",
+        metrics=metrics,
+        batchers=[slot],
+        slots=[slot],
+        models={current.manifest.name: str(current.number)},
     )
-    service.add_servicer(
-        restore_pb2_grpc.add_RestoreServiceServicer_to_server,
-        RestoreServicer(model, loaded.batcher, version.version),
-        SERVICE_NAME,
-    )
-    hosted = oip.HostedModel(version.manifest, loaded.batcher, loaded.runtime.provider)
-    service.add_servicer(
-        oip.add_to_server, oip.InferenceServicer([hosted], settings.max_images_per_request), oip.SERVICE_NAME
-    )
+    service.add_servicer(restore_pb2_grpc.add_RestoreServiceServicer_to_server, RestoreServicer(slot), SERVICE_NAME)
+    oip_servicer = oip.InferenceServicer([oip.HostedModel(slot)], settings.max_images_per_request)
+    service.add_servicer(oip.add_to_server, oip_servicer, oip.SERVICE_NAME)
     return service
 
 
