@@ -91,12 +91,14 @@ class Result:
     """What one load run measured."""
 
     histogram: Histogram = field(default_factory=Histogram)
+    errors: Histogram = field(default_factory=Histogram)  # latency of failed calls
     codes: Counter[str] = field(default_factory=Counter)
     images: int = 0
     seconds: float = 0.0
 
     def merge(self, other: Result) -> None:
         self.histogram.merge(other.histogram)
+        self.errors.merge(other.errors)
         self.codes.update(other.codes)
         self.images += other.images
         self.seconds = max(self.seconds, other.seconds)
@@ -117,6 +119,13 @@ class Result:
             }
             | {"max": round(h.max * 1000, 3)},
             "errors": {k: v for k, v in self.codes.items() if k != "OK"},
+            "error_latency_ms": {
+                "p50": round(self.errors.quantile(0.5) * 1000, 3),
+                "p99": round(self.errors.quantile(0.99) * 1000, 3),
+                "max": round(self.errors.max * 1000, 3),
+            }
+            if self.errors.total
+            else {},
         }
 
 
@@ -214,6 +223,8 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
             if code == "OK":
                 result.histogram.record(done - intended)
                 result.images += images
+            else:
+                result.errors.record(done - intended)
 
     def more() -> bool:
         if loop.time() >= stop_at or budget[0] == 0:
@@ -278,7 +289,13 @@ async def _progress(result: Result, measure_from: float, stop_at: float, quiet: 
 
 def _worker(args: argparse.Namespace, concurrency: int, rate: float, seed: int) -> dict[str, Any]:
     r = asyncio.run(_run(args, concurrency, rate, seed))
-    return {"histogram": r.histogram.to_state(), "codes": dict(r.codes), "images": r.images, "seconds": r.seconds}
+    return {
+        "histogram": r.histogram.to_state(),
+        "errors": r.errors.to_state(),
+        "codes": dict(r.codes),
+        "images": r.images,
+        "seconds": r.seconds,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,7 +312,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = Result()
     for part in parts:
         total.merge(
-            Result(Histogram.from_state(part["histogram"]), Counter(part["codes"]), part["images"], part["seconds"])
+            Result(
+                Histogram.from_state(part["histogram"]),
+                Histogram.from_state(part["errors"]),
+                Counter(part["codes"]),
+                part["images"],
+                part["seconds"],
+            )
         )
     config = {
         "target": args.target,

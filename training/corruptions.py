@@ -75,10 +75,16 @@ def strokes(x: torch.Tensor, bank: torch.Tensor, g: torch.Generator) -> tuple[to
     return x * (1 - alpha) + ink * alpha, (overlay > 0.25).float()
 
 
-def corrupt(x: torch.Tensor, bank: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random corruption per image: returns (corrupted, damage_mask, kind index into KINDS)."""
+def corrupt(
+    x: torch.Tensor, bank: torch.Tensor, g: torch.Generator, weights: tuple[float, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random corruption per image, drawn with ``weights`` over KINDS (default uniform).
+
+    Returns (corrupted, damage_mask, kind index into KINDS).
+    """
     n = x.shape[0]
-    kind = torch.randint(0, len(KINDS), (n,), generator=g)
+    probabilities = torch.tensor(weights or [1.0] * len(KINDS), dtype=torch.float64)
+    kind = torch.multinomial(probabilities, n, replacement=True, generator=g)
     out, mask = x.clone(), torch.zeros_like(x)
     for k, name in enumerate(KINDS):
         idx = (kind == k).nonzero().flatten()

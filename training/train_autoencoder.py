@@ -42,7 +42,11 @@ log = logging.getLogger("train_autoencoder")
 def parse_args(argv: Sequence[str] | None):  # type: ignore[no-untyped-def]
     p = base_parser(__doc__, epochs=8, lr=2e-3, batch_size=128)
     p.add_argument("--mask-probability", type=float, default=0.5, help="how often training shows the damage mask")
-    p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], help="channels at 28, 14 and 7 pixels")
+    p.add_argument("--widths", type=int, nargs=3, default=[24, 48, 64], help="channels at 28, 14 and 7 pixels")
+    p.add_argument(
+        "--kind-weights", type=float, nargs=len(KINDS), default=[1.0, 2.0, 1.0, 1.0, 1.0],
+        help=f"relative frequency of each corruption in training ({', '.join(KINDS)})",
+    )
     return finish_args(p.parse_args(argv), "autoencoder")
 
 
@@ -60,7 +64,7 @@ def train(model: Restorer, train_split: Split, args: Any, bank: torch.Tensor) ->
         for step, s in enumerate(range(0, len(x_all), args.batch_size), start=1):
             clean = x_all[order[s : s + args.batch_size]]
             clean = torch.where(torch.rand(len(clean), 1, 1, 1, generator=g) < 0.5, clean.flip(3), clean)
-            noisy, damage, _ = corrupt(clean, bank, g)
+            noisy, damage, _ = corrupt(clean, bank, g, tuple(args.kind_weights))
             show = (torch.rand(len(clean), 1, 1, 1, generator=g) < args.mask_probability).float()
             restored = model(noisy, damage * show)
             loss = F.mse_loss(restored, clean) + 0.5 * F.l1_loss(restored, clean)
@@ -178,7 +182,8 @@ sha256 of `model.onnx`: `{{sha256}}`.
 `{t["data"]}`, AdamW one-cycle (peak lr {t["lr"]}), loss MSE + 0.5 L1; {t["duration_s"]:.0f} s on
 {t["hardware"]}. Each image gets one of: none, Gaussian noise (sigma uniform in [0, 0.5]),
 salt-and-pepper (2-20% of pixels), 1-3 occluding rectangles (black, white, gray or noise), or a
-watermark-like overlay of strokes and text; the damage mask is shown half of the time.
+watermark-like overlay of strokes and text, with relative frequencies {t.get("kind_weights")};
+the damage mask is shown half of the time.
 
 ![training curve](training_curves.png)
 
@@ -277,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr,
             batch_size=args.batch_size,
             widths=list(args.widths),
+            kind_weights=dict(zip(KINDS, args.kind_weights, strict=True)),
             history=history,
         ),
         "extra": {

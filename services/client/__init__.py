@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Self
 
@@ -32,17 +33,40 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+# Retry calls a server refused with UNAVAILABLE (say, a replica shutting down) on another replica,
+# and watch each replica's grpc.health.v1 status so a draining one (NOT_SERVING) gets no new calls.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
 def channel_options(
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, round_robin: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, round_robin: bool = False, retry: bool = False
 ) -> list[tuple[str, object]]:
     """Channel options matching the server's message limit; round_robin spreads calls over every
-    address a DNS name resolves to (use a ``dns:///host:port`` target)."""
+    address a DNS name resolves to (use a ``dns:///host:port`` target); retry retries UNAVAILABLE."""
     options: list[tuple[str, object]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
     if round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
+    if retry:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
     return options
 
 

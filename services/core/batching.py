@@ -8,6 +8,8 @@ any waiting.
 
 - The queue is bounded: it counts every admitted request that has not started running (queued or
   in a batch still being formed); one that finds it full is refused at once (``Overloaded``).
+  So is one that arrives while the oldest queued request has waited over ``max_queue_wait_s``:
+  under overload the service sheds the excess fast and keeps admitted requests' latency bounded.
 - A request whose deadline passed, or whose caller went away, while queued is dropped before
   inference (``DeadlineExpired``).
 - A failing model call fails every request of that batch (``InferenceFailed``); the worker goes on.
@@ -82,6 +84,7 @@ class DynamicBatcher:
         max_batch_size: int = 64,
         max_delay_s: float = 0.002,
         max_queue_size: int = 1024,
+        max_queue_wait_s: float = 0.0,
         enabled: bool = True,
         metrics: ModelMetrics | None = None,
     ) -> None:
@@ -90,6 +93,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size if enabled else 1
         self.max_delay_s = max_delay_s if enabled else 0.0
         self.max_queue_size = max_queue_size
+        self.max_queue_wait_s = max_queue_wait_s
         self._metrics = metrics
         self._queue: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
@@ -143,6 +147,17 @@ class DynamicBatcher:
                 f"queue for model {self.name} is full "
                 f"(max_queue_size={self.max_queue_size} requests waiting); retry later"
             )
+        if self.max_queue_wait_s and self._queue:
+            waited = time.perf_counter() - self._queue[0].enqueued
+            if waited > self.max_queue_wait_s:
+                # Shed load early: a queue this old means the model cannot keep up, and admitting
+                # more would only make every admitted request later.
+                if self._metrics:
+                    self._metrics.queue_full.inc()
+                raise Overloaded(
+                    f"model {self.name} is overloaded: the oldest queued request has waited {waited * 1000:.0f} ms "
+                    f"(max_queue_wait_ms={self.max_queue_wait_s * 1000:.0f}); retry later"
+                )
         rows = len(next(iter(inputs.values())))
         request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
         self._queue.append(request)

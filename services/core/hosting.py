@@ -34,6 +34,7 @@ def load_batched_model(
         max_batch_size=settings.max_batch_size,
         max_delay_s=settings.max_delay_ms / 1000.0,
         max_queue_size=settings.max_queue_size,
+        max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         enabled=settings.batching,
         metrics=metrics.for_model(resolved.name),
     )

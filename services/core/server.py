@@ -67,6 +67,9 @@ class ServerInterceptor(aio.ServerInterceptor):
         self._metrics = metrics
         self._expected = f"Bearer {token}".encode() if token else None
         self._exempt = exempt
+        # Set at shutdown: new calls are refused with UNAVAILABLE (health still answers) while
+        # in-flight ones finish, so clients move to another replica before the listener closes.
+        self.draining = False
         self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
         self._counters: dict[tuple[str, str], Any] = {}
 
@@ -105,6 +108,8 @@ class ServerInterceptor(aio.ServerInterceptor):
         metrics = self._metrics
         needs_auth = self._expected is not None and not method.startswith(self._exempt)
         authorized = self._authorized
+        state = self
+        refuse_when_draining = not method.startswith(health.SERVICE_NAME + "/")
         duration = metrics.request_duration.labels(metrics.service, method)
         in_flight = metrics.in_flight.labels(metrics.service)
         count = self._count
@@ -147,6 +152,8 @@ class ServerInterceptor(aio.ServerInterceptor):
                 in_flight.inc()
                 code = "OK"
                 try:
+                    if refuse_when_draining and state.draining:
+                        raise errors.Unavailable("server is shutting down; retry on another replica")
                     if needs_auth and not authorized(context):
                         raise errors.Unauthenticated("missing or invalid bearer token")
                     return await inner_uu(parse(request), context)
@@ -175,6 +182,8 @@ class ServerInterceptor(aio.ServerInterceptor):
                 in_flight.inc()
                 code = "OK"
                 try:
+                    if refuse_when_draining and state.draining:
+                        raise errors.Unavailable("server is shutting down; retry on another replica")
                     if needs_auth and not authorized(context):
                         raise errors.Unauthenticated("missing or invalid bearer token")
                     result = inner_s(request if streaming_request else parse(request), context)
@@ -268,8 +277,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
         ]
         exempt = (health.SERVICE_NAME + "/",) if settings.auth_exempt_health else ()
-        interceptor = ServerInterceptor(service.metrics, bearer_token(settings), exempt)
-        self.server = aio.server(interceptors=[interceptor], options=options)
+        self.interceptor = ServerInterceptor(service.metrics, bearer_token(settings), exempt)
+        self.server = aio.server(interceptors=[self.interceptor], options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for add_to_server, servicer, _ in service.servicers:
@@ -311,8 +320,11 @@ class GrpcServer:
         for watcher in self._watchers:
             watcher.cancel()
         await self.health.enter_graceful_shutdown()
+        self.interceptor.draining = True
         for batcher in self.service.batchers:
             batcher.begin_drain()
+        if self.settings.shutdown_delay_s:
+            await asyncio.sleep(self.settings.shutdown_delay_s)
         await self.server.stop(grace)
         for batcher in self.service.batchers:
             await batcher.stop()
@@ -360,8 +372,19 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
     await stop.wait()
     log.info("%s: shutting down, in-flight calls have %.1fs to finish", service.name, settings.grace_period_s)
     await server.stop(settings.grace_period_s)
-    log.info("%s: stopped", service.name)
+    log.info("%s: stopped; calls by method and code: %s", service.name, json.dumps(call_counts(service.metrics)))
     return 0
+
+
+def call_counts(metrics: Metrics) -> dict[str, dict[str, int]]:
+    """Calls handled so far, {method: {code: count}}, read back from the request counter."""
+    counts: dict[str, dict[str, int]] = {}
+    for family in metrics.requests.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                by_code = counts.setdefault(sample.labels["method"], {})
+                by_code[sample.labels["code"]] = int(sample.value)
+    return counts
 
 
 def _write_atomically(path: Path, payload: dict[str, Any]) -> None:

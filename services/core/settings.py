@@ -61,8 +61,14 @@ class ServiceSettings(BaseSettings):
     max_queue_size: int = Field(
         1024, ge=1, description="Requests allowed to wait for the model; beyond it RESOURCE_EXHAUSTED."
     )
+    max_queue_wait_ms: float = Field(
+        250.0, ge=0.0, description="Refuse new requests while the oldest queued one has waited this long (0: off)."
+    )
     batching: bool = Field(True, description="Merge concurrent requests; off runs each request alone.")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message in or out.")
+    shutdown_delay_s: float = Field(
+        0.5, ge=0.0, description="On SIGTERM, refuse new calls (UNAVAILABLE) this long before closing the listener."
+    )
     grace_period_s: float = Field(10.0, ge=0.0, description="Time in-flight calls get to finish on SIGTERM.")
     model_poll_interval_s: float = Field(
         10.0, ge=0.0, description="How often to look for a newer model version to load (0: only on SIGHUP)."
