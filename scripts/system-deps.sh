@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs: the Fashion-MNIST IDX files, promtool for metric checks,
-# and libb64 for Triton's perf_analyzer.
+# libb64 for Triton's perf_analyzer, and docker-compose to validate compose.yaml.
 # Installs only what is missing; needs root (or sudo).
 set -euo pipefail
 need=()
 [ -e /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 ldconfig -p 2>/dev/null | grep -q libb64.so.0d || need+=(libb64-0d)  # perf_analyzer
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # validates compose.yaml
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -294,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--timeout", type=float, default=300.0)
 
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
-    health.add_argument("address")
+    health.add_argument(
+        "address",
+        nargs="?",
+        default=os.environ.get("NNSERVE_HEALTH_TARGET", "127.0.0.1:50051"),
+        help="host:port (default: $NNSERVE_HEALTH_TARGET or 127.0.0.1:50051)",
+    )
     health.add_argument("--service", default="", help="a service name; empty: the whole server")
     health.add_argument("--timeout", type=float, default=5.0)
     return parser
