@@ -185,17 +185,21 @@ async def make_caller(args: argparse.Namespace, channel: grpc.aio.Channel) -> tu
     # OIP ModelInfer on any model: random inputs shaped from the model's own metadata.
     oip = oip_grpc.GRPCInferenceServiceStub(channel)
     meta = await oip.ModelMetadata(oip_pb.ModelMetadataRequest(name=args.model_name), timeout=timeout)
+    specs = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+    if not specs:  # some servers publish no input metadata: use --input NAME:DATATYPE:DIMS
+        name, datatype, dims = args.input.split(":")
+        specs = [(name, datatype, [-1, *(int(d) for d in dims.split("x"))])]
     rng = np.random.default_rng(0)
     infer = oip_pb.ModelInferRequest(model_name=args.model_name)
-    for tensor in meta.inputs:
-        shape = [args.images_per_request if i == 0 else max(d, 1) for i, d in enumerate(tensor.shape)]
-        if tensor.datatype == "FP32":
+    for name, datatype, dims_ in specs:
+        shape = [args.images_per_request if i == 0 else max(d, 1) for i, d in enumerate(dims_)]
+        if datatype == "FP32":
             data = rng.random(shape, dtype=np.float32).astype("<f4").tobytes()
-        elif tensor.datatype == "INT64":
+        elif datatype == "INT64":
             data = rng.integers(0, 10, size=shape).astype("<i8").tobytes()
         else:
-            raise SystemExit(f"loadtest: input {tensor.name} has datatype {tensor.datatype}, not supported here")
-        infer.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+            raise SystemExit(f"loadtest: input {name} has datatype {datatype}, not supported here")
+        infer.inputs.add(name=name, datatype=datatype, shape=shape)
         infer.raw_input_contents.append(data)
     return (lambda: oip.ModelInfer(infer, timeout=timeout)), args.images_per_request
 
@@ -365,6 +369,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["gan", "diffusion"], default="gan", help="generate: which generator")
     p.add_argument("--steps", type=int, default=10, help="generate: diffusion steps")
     p.add_argument("--model-name", default="classifier", help="infer: the model to call")
+    p.add_argument(
+        "--input", default="image:FP32:1x28x28", help="infer: NAME:DATATYPE:DIMS when the server publishes no metadata"
+    )
     p.add_argument("--concurrency", "-c", type=int, default=16, help="closed loop: callers")
     p.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (0: closed loop)")
     p.add_argument("--arrivals", choices=["constant", "poisson"], default="poisson")

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from services.client import tensor_message
 from services.core.manifest import Manifest, TensorSpec
+from services.loadtest import add_arguments
 from services.loadtest import run as run_load
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 from tests.helpers import metric_value, start_service
@@ -74,30 +75,13 @@ def proc_stats(pid: int) -> dict[str, int]:
 
 
 def load_args(address: str, **overrides: object) -> argparse.Namespace:
-    args = dict(
-        target=address,
-        rpc="classify",
-        concurrency=16,
-        rate=0.0,
-        arrivals="poisson",
-        duration=2.0,
-        warmup=0.5,
-        requests=0,
-        images_per_request=1,
-        payload="random",
-        samples_dir="examples/images",
-        files=[],
-        channels=4,
-        processes=1,
-        timeout=10.0,
-        json=None,
-        quiet=True,
-        model="gan",
-        steps=10,
-        model_name="classifier",
-    )
-    args.update(overrides)
-    return argparse.Namespace(**args)
+    """`nnserve loadtest` arguments: its own defaults, quiet, with ``overrides``."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([address, "--quiet"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
 
 
 def test_overload_sheds_fast_and_keeps_admitted_latency_bounded(tmp_path: Path) -> None:

@@ -1,0 +1,351 @@
+"""The classify benchmark suite: nnserve beside the transport floor, in-process onnxruntime and peers.
+
+    python benchmarks/run.py                 # everything, about 6 minutes; writes BENCHMARKS.md
+    python benchmarks/run.py --seconds 2     # shorter runs
+
+Every server runs pinned to core 0 with one onnxruntime thread; the load generator
+(`nnserve loadtest`, one process) is pinned to core 1. Servers, all serving models/classifier/1:
+
+- echo: a bare grpc.aio server answering the same messages without a model (the transport floor)
+- nnserve: the classify service (typed API and OIP ModelInfer), dynamic batching on, and off
+- mlserver, kserve: Seldon MLServer and KServe's ModelServer with a small onnxruntime runtime each
+  (benchmarks/peers/), adaptive batching on for MLServer, in their own venvs (make bench-venvs)
+
+Results go to benchmarks/results/classify.json, plots to benchmarks/results/*.png, and the tables
+to BENCHMARKS.md (the generation section comes from benchmarks/generate_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PY = str(ROOT / ".venv" / "bin" / "python")
+MODEL = ROOT / "models" / "classifier" / "1" / "model.onnx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(address: str, timeout: float = 90.0) -> None:
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{address} did not come up")
+
+
+@contextmanager
+def server(name: str, workdir: Path) -> Iterator[str]:
+    """Start one server pinned to core 0; yields its gRPC address."""
+    port = free_port()
+    env = dict(os.environ)
+    cwd = ROOT
+    if name == "echo":
+        command = [PY, "benchmarks/echo_server.py", "--port", str(port)]
+    elif name.startswith("nnserve"):
+        command = [
+            PY,
+            "-m",
+            "services.classify",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "none",
+            "--intra-op-threads",
+            "1",
+            "--max-queue-size",
+            "4096",
+            "--model-poll-interval-s",
+            "0",
+        ]
+        if name == "nnserve-nobatch":
+            command += ["--batching", "false"]
+    elif name == "kserve":
+        command = [
+            str(ROOT / ".venv-kserve/bin/python"),
+            "benchmarks/peers/kserve_server.py",
+            "--model",
+            str(MODEL),
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+        ]
+    elif name == "mlserver":
+        folder = workdir / "mlserver"
+        folder.mkdir(exist_ok=True)
+        shutil.copy(ROOT / "benchmarks/peers/mlserver/onnx_runtime.py", folder)
+        settings = {"grpc_port": port, "http_port": free_port(), "metrics_port": free_port(), "parallel_workers": 0}
+        model = {
+            "name": "classifier",
+            "implementation": "onnx_runtime.OnnxClassifier",
+            "parameters": {"uri": str(MODEL)},
+            "max_batch_size": 64,
+            "max_batch_time": 0.002,
+            "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+        }
+        (folder / "settings.json").write_text(json.dumps(settings))
+        (folder / "model-settings.json").write_text(json.dumps(model))
+        command = [str(ROOT / ".venv-mlserver/bin/mlserver"), "start", str(folder)]
+        env["PYTHONPATH"] = str(folder)
+        cwd = folder
+    else:
+        raise ValueError(name)
+    env["OMP_NUM_THREADS"] = "1"
+    log = open(workdir / f"{name}.log", "wb")
+    proc = subprocess.Popen(["taskset", "-c", "0", *command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"127.0.0.1:{port}")
+        time.sleep(1.0 if name in ("mlserver", "kserve") else 0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def load(address: str, rpc: str, seconds: float, *args: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [
+            "taskset",
+            "-c",
+            "1",
+            PY,
+            "-m",
+            "services.loadtest",
+            address,
+            "--rpc",
+            rpc,
+            "--model-name",
+            "classifier",
+            "--duration",
+            str(seconds),
+            "--warmup",
+            "1",
+            "--quiet",
+            "--json",
+            out.name,
+            *args,
+        ]
+        subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+        return json.loads(Path(out.name).read_text())
+
+
+def in_process(batch: int, seconds: float) -> float:
+    code = f"""
+import time, numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.intra_op_num_threads = 1
+o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+s = ort.InferenceSession({str(MODEL)!r}, o, providers=["CPUExecutionProvider"])
+x = np.random.rand({batch}, 1, 28, 28).astype(np.float32)
+for _ in range(20): s.run(None, {{"image": x}})
+n, t = 0, time.perf_counter()
+while time.perf_counter() - t < {seconds}: s.run(None, {{"image": x}}); n += 1
+print(n * {batch} / (time.perf_counter() - t))
+"""
+    result = subprocess.run(["taskset", "-c", "0", PY, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    peers = [p for p in ("mlserver", "kserve") if (ROOT / f".venv-{p}").exists()]
+    results: dict = {
+        "seconds_per_run": args.seconds,
+        "pinning": "server on core 0 (1 onnxruntime thread), client on core 1",
+    }
+    results["in_process_images_per_s"] = {str(b): round(in_process(b, args.seconds), 1) for b in (1, 16, 64)}
+    print("in-process onnxruntime:", results["in_process_images_per_s"], flush=True)
+    plan = {"echo": ["classify", "infer"], "nnserve": ["classify", "infer"], "nnserve-nobatch": ["classify"]}
+    plan.update({p: ["infer"] for p in peers})
+    closed: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rpcs in plan.items():
+            with server(name, Path(tmp)) as address:
+                for rpc in rpcs:
+                    key = f"{name} {rpc}"
+                    for c in (1, 16, 64):
+                        r = load(address, rpc, args.seconds, "-c", str(c))
+                        closed.setdefault(key, {})[str(c)] = r
+                        print(
+                            f"{key:<24} c={c:<3} {r['requests_per_s']:>9.1f} req/s  p99 {r['latency_ms']['p99']:>8.2f} ms  errors {r['errors']}",
+                            flush=True,
+                        )
+                    if name != "echo" and name != "nnserve-nobatch":
+                        r = load(address, rpc, args.seconds, "-c", "4", "-n", "64")
+                        closed[key]["64x4"] = r
+                        print(f"{key:<24} 64-image c=4 {r['images_per_s']:>9.1f} images/s", flush=True)
+                if name in ("nnserve", *peers):
+                    rpc = "classify" if name == "nnserve" else "infer"
+                    capacity = closed[f"{name} {rpc}"]["64"]["requests_per_s"]
+                    sweep = []
+                    for fraction in (0.25, 0.5, 0.75, 0.9, 1.0, 1.1):
+                        r = load(address, rpc, args.seconds, "--rate", str(round(capacity * fraction, 1)))
+                        sweep.append(
+                            {
+                                "offered": round(capacity * fraction, 1),
+                                **{k: r[k] for k in ("requests_per_s", "latency_ms", "errors")},
+                            }
+                        )
+                        print(
+                            f"{name:<24} rate {capacity * fraction:>8.1f}/s  p99 {r['latency_ms']['p99']:>8.2f} ms",
+                            flush=True,
+                        )
+                    results.setdefault("open_loop", {})[f"{name} {rpc}"] = sweep
+    results["closed_loop"] = closed
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "classify.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results)
+    write_markdown(results)
+    return 0
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, runs in results["closed_loop"].items():
+        xs = [int(c) for c in runs if c.isdigit()]
+        ax.plot(xs, [runs[str(c)]["requests_per_s"] for c in xs], marker="o", label=key)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent callers (single-image requests)")
+    ax.set_ylabel("requests/s")
+    ax.set_title("Classify throughput vs concurrency (server on 1 core)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "throughput_vs_concurrency.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, sweep in results.get("open_loop", {}).items():
+        ax.plot([s["offered"] for s in sweep], [s["latency_ms"]["p99"] for s in sweep], marker="o", label=key)
+    ax.axhline(50, color="gray", linestyle="--", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (requests/s, Poisson arrivals)")
+    ax.set_ylabel("p99 latency (ms, from intended send time)")
+    ax.set_title("p99 vs offered load")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "p99_vs_offered_load.png")
+    plt.close(fig)
+
+
+def write_markdown(results: dict) -> None:
+    closed, ip = results["closed_loop"], results["in_process_images_per_s"]
+    rows = []
+    for key, runs in closed.items():
+        cells = [f"{runs[c]['requests_per_s']:,.0f} / {runs[c]['latency_ms']['p99']:.1f}" for c in ("1", "16", "64")]
+        big = runs.get("64x4")
+        rows.append(
+            f"| {key} | " + " | ".join(cells) + f" | {big['images_per_s']:,.0f} |"
+            if big
+            else f"| {key} | " + " | ".join(cells) + " | |"
+        )
+    echo16 = closed["echo classify"]["16"]["requests_per_s"]
+    ours16 = closed["nnserve classify"]["16"]
+    peer_keys = [k for k in closed if k.split()[0] in ("mlserver", "kserve")]
+    best_peer = max(peer_keys, key=lambda k: closed[k]["16"]["requests_per_s"]) if peer_keys else None
+    lines = [
+        f"- nnserve (typed API) at 16 callers: **{ours16['requests_per_s']:,.0f} req/s = {ours16['requests_per_s'] / echo16:.0%} of the bare echo server** ({echo16:,.0f} req/s; target >= 70%).",
+    ]
+    if best_peer:
+        peer16 = closed[best_peer]["16"]
+        lines.append(
+            f"- vs the best peer ({best_peer}, {peer16['requests_per_s']:,.0f} req/s, p99 {peer16['latency_ms']['p99']:.1f} ms): "
+            f"**{ours16['requests_per_s'] / peer16['requests_per_s']:.2f}x** the throughput (target >= 2x), "
+            f"p99 {ours16['latency_ms']['p99']:.1f} ms (target: no worse)."
+        )
+    big = closed["nnserve classify"]["64x4"]["images_per_s"]
+    lines.append(
+        f"- 64-image requests at 4 callers: **{big:,.0f} images/s = {big / ip['64']:.0%} of in-process onnxruntime** at batch 64 on the same core ({ip['64']:,.0f} images/s; target >= 80%)."
+    )
+    sweeps = []
+    for key, sweep in results.get("open_loop", {}).items():
+        ok = [s["offered"] for s in sweep if s["latency_ms"]["p99"] < 50 and not s["errors"]]
+        sweeps.append(f"| {key} | {max(ok) if ok else 0:,.0f} |")
+    text = f"""# Benchmarks
+
+Generated by `python benchmarks/run.py` (classify) and `python benchmarks/generate_bench.py`
+(generation) on this project's 2-core x86_64 machine: {results["pinning"]}. Each figure is one run
+of {results["seconds_per_run"]:.0f} s after a 1 s warm-up, measured side by side in the same run; latency is
+measured by `nnserve loadtest` from the intended send time.
+
+## Classify: the targets
+
+{chr(10).join(lines)}
+
+## Classify: closed loop, single-image requests (requests/s / p99 ms) and 64-image requests
+
+In-process onnxruntime on one thread: {ip["1"]:,.0f} images/s at batch 1, {ip["16"]:,.0f} at batch 16,
+{ip["64"]:,.0f} at batch 64 (the compute ceiling).
+
+| server, API | 1 caller | 16 callers | 64 callers | 64-image requests, 4 callers (images/s) |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+![throughput vs concurrency](benchmarks/results/throughput_vs_concurrency.png)
+
+## Open loop: highest offered rate with p99 under 50 ms (Poisson arrivals)
+
+| server, API | requests/s |
+|---|---|
+{chr(10).join(sweeps)}
+
+![p99 vs offered load](benchmarks/results/p99_vs_offered_load.png)
+"""
+    generate = RESULTS / "generate.json"
+    if generate.exists():
+        g = json.loads(generate.read_text())
+        grows = [
+            f"| {k} | {v.get('step_batching_on', {}).get('images_per_s', '')} | {v.get('step_batching_off', {}).get('images_per_s', '')} |"
+            for k, v in g["results"].items()
+        ]
+        text += f"""
+## Generation (`python benchmarks/generate_bench.py`; {g["pinning"]})
+
+Single-image requests, images/s with step-level batching on and off:
+
+| scenario | on | off |
+|---|---|---|
+{chr(10).join(grows)}
+
+Step-level batching with 16 concurrent single-image requests at DDIM 50: **{g["step_batching_ratio_c16_ddim50"]}x** the images/s without it (target >= 2x).
+"""
+    (ROOT / "BENCHMARKS.md").write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
