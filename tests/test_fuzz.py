@@ -176,25 +176,57 @@ def test_fuzz_model_infer(channels, model, version, inputs, raw, typed, outputs,
     assert code in ALLOWED, code
 
 
+ALL_UNARY_METHODS = [
+    ("classify", "/nnserve.v1.ClassifyService/Classify"),
+    ("restore", "/nnserve.v1.RestoreService/Restore"),
+    ("generate", "/nnserve.v1.GenerateService/Generate"),
+    *[
+        (server, f"/inference.GRPCInferenceService/{m}")
+        for server in ("classify", "restore", "generate")
+        for m in (
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelInfer",
+            "ModelConfig",
+            "ModelStatistics",
+        )
+    ],
+    *[(server, "/grpc.health.v1.Health/Check") for server in ("classify", "restore", "generate")],
+]
+
+
+@FUZZ
+@given(garbage=st.binary(max_size=2000), target=st.sampled_from(ALL_UNARY_METHODS))
+def test_fuzz_raw_garbage_on_the_wire(channels, garbage, target) -> None:  # type: ignore[no-untyped-def]
+    server, method = target
+    code = call(channels[server], method, garbage)
+    assert code in ALLOWED, (code, method, garbage[:40])
+
+
 @FUZZ
 @given(
-    garbage=st.binary(max_size=2000),
-    method=st.sampled_from(
-        [
-            "/nnserve.v1.ClassifyService/Classify",
-            "/nnserve.v1.RestoreService/Restore",
-            "/nnserve.v1.GenerateService/Generate",
-            "/inference.GRPCInferenceService/ModelInfer",
-            "/inference.GRPCInferenceService/ModelMetadata",
-        ]
+    name=st.one_of(
+        st.text(max_size=40),
+        st.sampled_from(
+            ["classifier", "autoencoder", "gan_generator", "diffusion_denoiser", "../../etc/passwd", "/", "."]
+        ),
     ),
+    version=st.one_of(st.text(max_size=10), st.sampled_from(["", "1", "2", "99"])),
+    method=st.sampled_from(["ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"]),
+    server=st.sampled_from(["classify", "restore", "generate"]),
 )
-def test_fuzz_raw_garbage_on_the_wire(channels, garbage, method) -> None:  # type: ignore[no-untyped-def]
-    server = {"ClassifyService": "classify", "RestoreService": "restore", "GenerateService": "generate"}.get(
-        method.split("/")[1].split(".")[-1], "classify"
-    )
-    code = call(channels[server], method, garbage)
-    assert code in ALLOWED, (code, garbage[:40])
+def test_fuzz_model_names_and_versions(channels, name, version, method, server) -> None:  # type: ignore[no-untyped-def]
+    request = {
+        "ModelReady": oip_pb.ModelReadyRequest,
+        "ModelMetadata": oip_pb.ModelMetadataRequest,
+        "ModelConfig": oip_pb.ModelConfigRequest,
+        "ModelStatistics": oip_pb.ModelStatisticsRequest,
+    }[method](name=name, version=version)
+    code = call(channels[server], f"/inference.GRPCInferenceService/{method}", request.SerializeToString())
+    assert code in ALLOWED, code
 
 
 def test_servers_are_healthy_after_fuzzing(channels) -> None:  # type: ignore[no-untyped-def]
