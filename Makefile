@@ -45,7 +45,7 @@ protos: $(VENV)/.installed-all
 
 lint: $(VENV)/.installed-all
 	$(BIN)/ruff check services training tests tools
-	$(BIN)/mypy services/core
+	$(BIN)/mypy services
 
 train-classifier: system-deps $(VENV)/.installed-all
 	$(BIN)/python -m training.train_classifier --epochs 15 --seed 0 --out models/classifier/1

@@ -216,7 +216,7 @@ def _up(args: argparse.Namespace) -> int:
         return 1
 
     def stop_all(*_: object) -> None:
-        for _, child, _ in children:
+        for _spec, child, _file in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 

@@ -1,4 +1,4 @@
-"""House style is checked by the test suite too: ruff everywhere, mypy on the serving core."""
+"""House style is checked by the test suite too: ruff everywhere, mypy on the services."""
 
 from __future__ import annotations
 
@@ -22,6 +22,6 @@ def test_ruff() -> None:
     assert result.returncode == 0, result.stdout
 
 
-def test_mypy_on_the_serving_core() -> None:
-    result = subprocess.run([sys.executable, "-m", "mypy", "services/core"], cwd=ROOT, capture_output=True, text=True)
+def test_mypy_on_the_services() -> None:
+    result = subprocess.run([sys.executable, "-m", "mypy", "services"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

@@ -98,9 +98,11 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         count = check_count(request.count, self.max_count)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         rng = np.random.default_rng(seed)
-        classes = (
-            self.gan.current.view.num_classes if kind == "gan" and self.gan else self.diffusion.schedule.num_classes
-        )  # type: ignore[union-attr]
+        if self.gan is not None and kind == "gan":
+            classes = self.gan.current.view.num_classes
+        else:
+            assert self.diffusion is not None  # checked above
+            classes = self.diffusion.schedule.num_classes
         labels = resolve_labels(list(request.labels), count, classes, rng)
         return kind, labels, seed, rng
 
