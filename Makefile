@@ -44,7 +44,7 @@ protos: $(VENV)/.installed-all
 	$(BIN)/python tools/gen_protos.py
 
 lint: $(VENV)/.installed-all
-	$(BIN)/ruff check services training tests tools
+	$(BIN)/ruff check services training tests tools scripts benchmarks
 	$(BIN)/mypy services
 
 train-classifier: system-deps $(VENV)/.installed-all

@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 @pytest.mark.skipif(shutil.which("ruff") is None and not (ROOT / ".venv/bin/ruff").exists(), reason="ruff missing")
 def test_ruff() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "services", "training", "tests", "tools"],
+        [sys.executable, "-m", "ruff", "check", "services", "training", "tests", "tools", "scripts", "benchmarks"],
         cwd=ROOT,
         capture_output=True,
         text=True,
