@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: up test test-fast system-deps protos lint train-classifier triton-venv clean
+.PHONY: up test test-fast system-deps protos lint train-classifier train-autoencoder train-gan train-diffusion \
+	triton-venv bench bench-venvs images clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,34 @@ lint: $(VENV)/.installed-all
 
 train-classifier: system-deps $(VENV)/.installed-all
 	$(BIN)/python -m training.train_classifier --epochs 15 --seed 0 --out models/classifier/1
+
+train-autoencoder: system-deps $(VENV)/.installed-all
+	$(BIN)/python -m training.train_autoencoder --epochs 6 --widths 24 48 64 --seed 0 --out models/autoencoder/1
+
+train-gan: system-deps $(VENV)/.installed-all
+	$(BIN)/python -m training.train_gan --epochs 6 --seed 0 --out models/gan_generator/1
+
+train-diffusion: system-deps $(VENV)/.installed-all
+	$(BIN)/python -m training.train_diffusion --widths 16 32 64 --epochs 60 --max-minutes 80 --seed 0 \
+		--out models/diffusion_denoiser/1
+
+# Peer servers for the benchmark suite, each in its own venv.
+bench-venvs: .venv-mlserver/.installed .venv-kserve/.installed
+.venv-mlserver/.installed:
+	$(PYTHON) -m venv .venv-mlserver
+	.venv-mlserver/bin/pip install -q mlserver onnxruntime numpy
+	touch $@
+.venv-kserve/.installed:
+	$(PYTHON) -m venv .venv-kserve
+	.venv-kserve/bin/pip install -q kserve onnxruntime numpy
+	touch $@
+
+bench: $(VENV)/.installed-all bench-venvs
+	$(BIN)/python benchmarks/generate_bench.py --out benchmarks/results/generate.json
+	$(BIN)/python benchmarks/run.py
+
+images: $(VENV)/.installed-all
+	$(BIN)/python scripts/readme_examples.py
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) runs .pytest_cache .mypy_cache .ruff_cache
