@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.core.batching import DynamicBatcher
+from services.core.batching import DynamicBatcher, Predict
 from services.core.metrics import Metrics
 from services.core.repository import ModelRepository, ModelVersion
 from services.core.runtime import OnnxModel
@@ -20,6 +20,20 @@ class LoadedModel:
     batcher: DynamicBatcher
 
 
+def make_batcher(settings: ServiceSettings, predict: Predict, name: str, metrics: Metrics) -> DynamicBatcher:
+    """A dynamic batcher over ``predict`` configured from the service's settings."""
+    return DynamicBatcher(
+        predict,
+        name=name,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_delay_ms / 1000.0,
+        max_queue_size=settings.max_queue_size,
+        max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
+        enabled=settings.batching,
+        metrics=metrics.for_model(name),
+    )
+
+
 def load_batched_model(
     settings: ServiceSettings, name: str, metrics: Metrics, version: int | None = None, warmup_rows: int | None = None
 ) -> LoadedModel:
@@ -28,15 +42,6 @@ def load_batched_model(
     runtime = OnnxModel(resolved, settings.providers, settings.threads, settings.allow_spinning)
     if settings.warmup:
         runtime.warmup(sorted({1, warmup_rows or settings.max_batch_size}))
-    batcher = DynamicBatcher(
-        runtime.predict,
-        name=resolved.name,
-        max_batch_size=settings.max_batch_size,
-        max_delay_s=settings.max_delay_ms / 1000.0,
-        max_queue_size=settings.max_queue_size,
-        max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
-        enabled=settings.batching,
-        metrics=metrics.for_model(resolved.name),
-    )
+    batcher = make_batcher(settings, runtime.predict, resolved.name, metrics)
     metrics.model_info.labels(metrics.service, resolved.name, str(resolved.version), runtime.provider).set(1)
     return LoadedModel(resolved, runtime, batcher)

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from services.core import oip
-from services.core.batching import DynamicBatcher
 from services.core.continuous import StepBatcher
 from services.core.deployment import Deployment, ModelSlot, StaticSlot
 from services.core.errors import ModelLoadError, ModelNotFound
+from services.core.hosting import make_batcher
 from services.core.metrics import Metrics
 from services.core.repository import ModelRepository
 from services.core.runtime import OnnxModel
@@ -61,16 +61,7 @@ def build(settings: GenerateSettings, registry: CollectorRegistry | None = None)
         diffusion = DiffusionBackend(version.name, version.version, stepper, schedule)
         service.batchers.append(stepper)
         # One-shot denoiser calls over OIP (ModelInfer) get a dynamic batcher of their own.
-        one_shot = DynamicBatcher(
-            runtime.predict,
-            name=version.name,
-            max_batch_size=settings.max_batch_size,
-            max_delay_s=settings.max_delay_ms / 1000.0,
-            max_queue_size=settings.max_queue_size,
-            max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
-            enabled=settings.batching,
-            metrics=metrics.for_model(version.name),
-        )
+        one_shot = make_batcher(settings, runtime.predict, version.name, metrics)
         service.batchers.append(one_shot)
         hosted.append(oip.HostedModel(StaticSlot(Deployment(version, runtime, one_shot, None))))
     if gan is None and diffusion is None:
