@@ -29,10 +29,11 @@ from training.data import load_split  # noqa: E402
 OUT = ROOT / "docs" / "images"
 
 
-def start(module: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(module: str, tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port_file = tmp / f"{module}.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--port", "0", "--metrics-port", "none", "--port-file", str(port_file)], cwd=ROOT
+        [sys.executable, "-m", module, "--port", "0", "--metrics-port", "none", "--port-file", str(port_file), *extra],
+        cwd=ROOT,
     )
     while not port_file.exists():
         if proc.poll() is not None:
@@ -62,7 +63,7 @@ def main() -> int:
         try:
             restore, restore_address = start("services.restore", Path(tmp))
             procs.append(restore)
-            generate, generate_address = start("services.generate", Path(tmp))
+            generate, generate_address = start("services.generate", Path(tmp), "--max-count", "80")
             procs.append(generate)
             with RestoreClient(restore_address) as client:
                 denoised = client.restore(tensor=noisy, as_tensor=True)

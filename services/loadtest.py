@@ -184,8 +184,13 @@ async def make_caller(args: argparse.Namespace, channel: grpc.aio.Channel) -> tu
         return stream, args.images_per_request
     # OIP ModelInfer on any model: random inputs shaped from the model's own metadata.
     oip = oip_grpc.GRPCInferenceServiceStub(channel)
-    meta = await oip.ModelMetadata(oip_pb.ModelMetadataRequest(name=args.model_name), timeout=timeout)
-    specs = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+    try:
+        meta = await oip.ModelMetadata(oip_pb.ModelMetadataRequest(name=args.model_name), timeout=timeout)
+        specs = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        specs = []
     if not specs:  # some servers publish no input metadata: use --input NAME:DATATYPE:DIMS
         name, datatype, dims = args.input.split(":")
         specs = [(name, datatype, [-1, *(int(d) for d in dims.split("x"))])]
