@@ -131,6 +131,34 @@ def server(name: str, workdir: Path) -> Iterator[str]:
         log.close()
 
 
+@contextmanager
+def restore_server(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    command = [
+        PY,
+        "-m",
+        "services.restore",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "none",
+        "--intra-op-threads",
+        "1",
+        "--max-queue-size",
+        "4096",
+        "--model-poll-interval-s",
+        "0",
+    ]
+    with open(workdir / "restore.log", "wb") as log:
+        proc = subprocess.Popen(["taskset", "-c", "0", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(f"127.0.0.1:{port}")
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
 def load(address: str, rpc: str, seconds: float, *args: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [
@@ -158,16 +186,26 @@ def load(address: str, rpc: str, seconds: float, *args: str) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def in_process(batch: int, seconds: float) -> float:
+MODELS = {
+    "classifier": {"image": ("float32", [1, 28, 28])},
+    "autoencoder": {"image": ("float32", [1, 28, 28]), "mask": ("float32", [1, 28, 28])},
+    "gan_generator": {"z": ("float32", [64]), "label": ("int64", [])},
+    "diffusion_denoiser": {"x_t": ("float32", [1, 28, 28]), "t": ("int64", []), "label": ("int64", [])},
+}
+
+
+def in_process(batch: int, seconds: float, model: str = "classifier") -> float:
+    """Rows/s of in-process onnxruntime (one thread, core 0) on ``model`` at ``batch``."""
+    inputs = {name: (dtype, [batch, *dims]) for name, (dtype, dims) in MODELS[model].items()}
     code = f"""
 import time, numpy as np, onnxruntime as ort
 o = ort.SessionOptions(); o.intra_op_num_threads = 1
 o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-s = ort.InferenceSession({str(MODEL)!r}, o, providers=["CPUExecutionProvider"])
-x = np.random.rand({batch}, 1, 28, 28).astype(np.float32)
-for _ in range(20): s.run(None, {{"image": x}})
+s = ort.InferenceSession({str(ROOT / "models" / model / "1" / "model.onnx")!r}, o, providers=["CPUExecutionProvider"])
+feed = {{k: (np.random.rand(*shape) * 10).astype(dtype) for k, (dtype, shape) in {inputs!r}.items()}}
+for _ in range(10): s.run(None, feed)
 n, t = 0, time.perf_counter()
-while time.perf_counter() - t < {seconds}: s.run(None, {{"image": x}}); n += 1
+while time.perf_counter() - t < {seconds}: s.run(None, feed); n += 1
 print(n * {batch} / (time.perf_counter() - t))
 """
     result = subprocess.run(["taskset", "-c", "0", PY, "-c", code], capture_output=True, text=True, check=True)
@@ -184,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": "server on core 0 (1 onnxruntime thread), client on core 1",
     }
     results["in_process_images_per_s"] = {str(b): round(in_process(b, args.seconds), 1) for b in (1, 16, 64)}
-    print("in-process onnxruntime:", results["in_process_images_per_s"], flush=True)
+    results["in_process_rows_per_s"] = {
+        model: {str(b): round(in_process(b, min(args.seconds, 2.0), model), 1) for b in (1, 64)} for model in MODELS
+    }
+    print("in-process onnxruntime:", results["in_process_rows_per_s"], flush=True)
     plan = {"echo": ["classify", "infer"], "nnserve": ["classify", "infer"], "nnserve-nobatch": ["classify"]}
     plan.update({p: ["infer"] for p in peers})
     closed: dict = {}
@@ -221,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
                     results.setdefault("open_loop", {})[f"{name} {rpc}"] = sweep
+        with restore_server(Path(tmp)) as address:
+            for label, extra in (("restore c=16", ["-c", "16"]), ("restore 64-image c=4", ["-c", "4", "-n", "64"])):
+                r = load(address, "restore", args.seconds, *extra)
+                results.setdefault("restore", {})[label] = r
+                print(
+                    f"{label:<24} {r['images_per_s']:>9.1f} images/s  p99 {r['latency_ms']['p99']:>8.2f} ms", flush=True
+                )
     results["closed_loop"] = closed
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "classify.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -288,6 +336,13 @@ def write_markdown(results: dict) -> None:
             f"**{ours16['requests_per_s'] / peer16['requests_per_s']:.2f}x** the throughput (target >= 2x), "
             f"p99 {ours16['latency_ms']['p99']:.1f} ms (target: no worse)."
         )
+    if best_peer and "nnserve infer" in closed:
+        oip16 = closed["nnserve infer"]["16"]
+        peer16 = closed[best_peer]["16"]
+        lines.append(
+            f"- Same protocol on both sides (OIP ModelInfer): nnserve {oip16['requests_per_s']:,.0f} req/s, p99 {oip16['latency_ms']['p99']:.1f} ms: "
+            f"**{oip16['requests_per_s'] / peer16['requests_per_s']:.2f}x** the best peer."
+        )
     big = closed["nnserve classify"]["64x4"]["images_per_s"]
     lines.append(
         f"- 64-image requests at 4 callers: **{big:,.0f} images/s = {big / ip['64']:.0%} of in-process onnxruntime** at batch 64 on the same core ({ip['64']:,.0f} images/s; target >= 80%)."
@@ -326,6 +381,26 @@ In-process onnxruntime on one thread: {ip["1"]:,.0f} images/s at batch 1, {ip["1
 
 ![p99 vs offered load](benchmarks/results/p99_vs_offered_load.png)
 """
+    rows_ip = "\n".join(
+        f"| {model} | {v['1']:,.0f} | {v['64']:,.0f} |" for model, v in results.get("in_process_rows_per_s", {}).items()
+    )
+    restore = results.get("restore", {})
+    text += (
+        f"""
+## In-process onnxruntime, every shipped model (one thread, core 0; rows/s)
+
+| model | batch 1 | batch 64 |
+|---|---|---|
+{rows_ip}
+
+## Restore (nnserve restore service, tensor input)
+
+| scenario | images/s | p99 ms |
+|---|---|---|
+"""
+        + "\n".join(f"| {k} | {v['images_per_s']:,.0f} | {v['latency_ms']['p99']:.1f} |" for k, v in restore.items())
+        + "\n"
+    )
     generate = RESULTS / "generate.json"
     if generate.exists():
         g = json.loads(generate.read_text())
@@ -344,6 +419,9 @@ Single-image requests, images/s with step-level batching on and off:
 
 Step-level batching with 16 concurrent single-image requests at DDIM 50: **{g["step_batching_ratio_c16_ddim50"]}x** the images/s without it (target >= 2x).
 """
+    analysis = ROOT / "benchmarks" / "analysis.md"
+    if analysis.exists():  # the hand-written reading of these figures, kept beside the generated tables
+        text += "\n" + analysis.read_text()
     (ROOT / "BENCHMARKS.md").write_text(text)
 
 
