@@ -12,7 +12,9 @@ import torch
 from training.data import Split, fake_split, load_split
 
 
-def base_parser(doc: str | None, *, epochs: int, lr: float, batch_size: int) -> argparse.ArgumentParser:
+def base_parser(
+    doc: str | None, *, epochs: int, lr: float, batch_size: int, with_classifier: bool = True
+) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=None, help="directory of Fashion-MNIST IDX files")
     p.add_argument("--out", type=Path, default=None, help="model version directory to write")
@@ -21,9 +23,10 @@ def base_parser(doc: str | None, *, epochs: int, lr: float, batch_size: int) -> 
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all available)")
-    p.add_argument(
-        "--classifier", type=Path, default=Path("models/classifier/1"), help="shipped classifier, for evaluation"
-    )
+    if with_classifier:
+        p.add_argument(
+            "--classifier", type=Path, default=Path("models/classifier/1"), help="shipped classifier, for evaluation"
+        )
     p.add_argument("--dry-run", action="store_true", help="tiny fake data and few steps, for smoke tests")
     return p
 

@@ -44,7 +44,10 @@ def parse_args(argv: Sequence[str] | None):  # type: ignore[no-untyped-def]
     p.add_argument("--mask-probability", type=float, default=0.5, help="how often training shows the damage mask")
     p.add_argument("--widths", type=int, nargs=3, default=[24, 48, 64], help="channels at 28, 14 and 7 pixels")
     p.add_argument(
-        "--kind-weights", type=float, nargs=len(KINDS), default=[1.0, 2.0, 1.0, 1.0, 1.0],
+        "--kind-weights",
+        type=float,
+        nargs=len(KINDS),
+        default=[1.0, 2.0, 1.0, 1.0, 1.0],
         help=f"relative frequency of each corruption in training ({', '.join(KINDS)})",
     )
     return finish_args(p.parse_args(argv), "autoencoder")

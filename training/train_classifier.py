@@ -10,7 +10,6 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from services.core.manifest import OodCalibration, Preprocessing
-from training.data import LABELS, Split, fake_split, load_split
+from training.common import base_parser, finish_args, load_data, setup
+from training.data import LABELS, Split
 from training.evaluate import calibrate_ood, classifier_logits, classifier_metrics, ood_report, to_input
 from training.export import (
     MODEL_FILE,
@@ -45,22 +45,11 @@ PREPROCESSING = Preprocessing(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=None, help="directory of Fashion-MNIST IDX files")
-    p.add_argument("--out", type=Path, default=None, help="model version directory to write")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all available)")
+    p = base_parser(__doc__, epochs=15, lr=3e-3, batch_size=128, with_classifier=False)
     p.add_argument("--val-size", type=int, default=5000, help="held out of train for OOD calibration")
-    p.add_argument("--dry-run", action="store_true", help="tiny fake data and one epoch, for smoke tests")
-    args = p.parse_args(argv)
+    args = finish_args(p.parse_args(argv), "classifier", dry_epochs=2)
     if args.dry_run:
-        args.epochs = min(args.epochs, 2)
         args.val_size = 64
-    if args.out is None:
-        args.out = Path("runs/dry-run/classifier/1" if args.dry_run else "models/classifier/1")
     return args
 
 
@@ -218,18 +207,9 @@ are out of distribution, and the OOD flag is a heuristic rather than a guarantee
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("onnxscript", "onnx_ir"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    if args.dry_run:
-        full_train, test = fake_split(512, args.seed), fake_split(256, args.seed + 1)
-    else:
-        full_train, test = load_split("train", args.data_dir), load_split("test", args.data_dir)
+    setup(args)
+    full_train, test = load_data(args)
     train_split, val_split = split_train_val(full_train, args.val_size, args.seed)
     log.info("data: %d train, %d val, %d test from %s", len(train_split), len(val_split), len(test), full_train.source)
 
