@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
 .PHONY: up test test-fast system-deps protos lint train-classifier train-autoencoder train-gan train-diffusion \
-	triton-venv bench bench-venvs images clean
+	triton-venv bench bench-venvs images e2e-docker clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ bench-venvs: .venv-mlserver/.installed .venv-kserve/.installed
 bench: $(VENV)/.installed-all bench-venvs
 	$(BIN)/python benchmarks/generate_bench.py --out benchmarks/results/generate.json
 	$(BIN)/python benchmarks/run.py
+
+# The compose deployment end to end on a local Docker engine (installs and starts one if needed;
+# builds every image offline from a debootstrap base and host-downloaded wheels). Needs root.
+e2e-docker: $(VENV)/.installed-all
+	PYTHON=$(BIN)/python bash scripts/docker-e2e.sh
 
 images: $(VENV)/.installed-all
 	$(BIN)/python scripts/readme_examples.py

@@ -5,26 +5,28 @@
 #   docker run --rm -p 50051:50051 nnserve-serve classify
 #
 # BASE_IMAGE defaults to the public slim Python image; any Debian-based image with Python 3.11+
-# works (CI builds one locally with debootstrap). With WHEELS=local, dependencies come only from
-# docker/wheels/ (fill it on the host: pip download -d docker/wheels '.[serve]'), for offline builds.
+# on PATH as python3 works (CI builds one locally with debootstrap: scripts/docker-base.sh). With
+# WHEELS=local, dependencies come only from docker/wheels/ (fill it on the host:
+# pip download -d docker/wheels '.[serve]' 'setuptools>=68'), for offline builds.
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
 
+# Build stage: install into a venv without pip, so neither pip, the wheels nor the sources'
+# build leftovers reach the final image's layers.
+FROM ${BASE_IMAGE} AS build
 ARG WHEELS=pypi
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-
-WORKDIR /opt/nnserve
-COPY docker/wheels/ /tmp/wheels/
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY docker/wheels/ /wheels/
 COPY pyproject.toml README.md ./
 COPY services/ services/
-RUN if [ "$WHEELS" = "local" ]; then \
-        python3 -m pip install --no-index --find-links /tmp/wheels ".[serve]"; \
-    else \
-        python3 -m pip install ".[serve]"; \
-    fi \
-    && rm -rf /tmp/wheels \
-    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin nnserve
+RUN python3 -m venv --without-pip /opt/nnserve \
+    && if [ "$WHEELS" = "local" ]; then set -- --no-index --find-links /wheels; fi \
+    && python3 -m pip --python /opt/nnserve/bin/python install "$@" ".[serve]"
 
+FROM ${BASE_IMAGE}
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/nnserve/bin:$PATH
+COPY --from=build /opt/nnserve /opt/nnserve
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin nnserve
 COPY --chown=root:root models/ /models/
 
 USER 10001

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from tests.helpers import (
     make_tiny_gan,
     start_service,
 )
+
+# The Docker end-to-end module needs images built by scripts/docker-e2e.sh, which sets this.
+collect_ignore = [] if os.environ.get("NNSERVE_E2E_COMPOSE") == "1" else ["e2e"]
 
 
 @pytest.fixture(scope="session")

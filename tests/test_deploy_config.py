@@ -72,3 +72,21 @@ def test_serving_image_has_no_torch_and_runs_as_non_root() -> None:
     dockerfile = (ROOT / "docker/serve.Dockerfile").read_text()
     assert '".[serve]"' in dockerfile and "train" not in re.sub(r"#.*", "", dockerfile)
     assert "USER 10001" in dockerfile and "HEALTHCHECK" in dockerfile
+
+
+def test_build_context_allowlist_covers_every_copy_source() -> None:
+    """.dockerignore keeps .venv (GBs) out of the build context; each COPY source must stay in it."""
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "*", "the context is an allowlist"
+    allowed = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
+    assert ".venv" not in allowed
+    for dockerfile in sorted((ROOT / "docker").glob("*.Dockerfile")):
+        for line in dockerfile.read_text().splitlines():
+            if not line.startswith("COPY ") or "--from=" in line:
+                continue
+            sources = [w for w in line.split()[1:-1] if not w.startswith("--")]
+            for source in sources:
+                source = source.rstrip("/")
+                assert any(source == a or source.startswith(a + "/") for a in allowed), (dockerfile.name, source)
+                assert (ROOT / source).exists(), (dockerfile.name, source)
