@@ -65,6 +65,9 @@ SERVICES = {
 OPTIONAL_MODEL_FLAGS = {"gan_generator": "--gan-model=", "diffusion_denoiser": "--diffusion-model="}
 
 
+ROUND_ROBIN_HELP = "spread calls over every address --address resolves to (dns:///host:port for replicas)"
+
+
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     module = __import__(f"{SERVICES[args.service].module}.__main__", fromlist=["main"])
     return int(module.main(rest))
@@ -75,7 +78,7 @@ def _classify(args: argparse.Namespace) -> int:
 
     images = [Path(p).read_bytes() for p in args.images]
     try:
-        with ClassifyClient(args.address) as client:
+        with ClassifyClient(args.address, round_robin=args.round_robin) as client:
             reply = client.classify(images=images, top_k=args.top_k, timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"nnserve classify: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
@@ -98,7 +101,7 @@ def _restore(args: argparse.Namespace) -> int:
     images = [Path(p).read_bytes() for p in args.images]
     masks = [Path(p).read_bytes() for p in args.masks]
     try:
-        with RestoreClient(args.address) as client:
+        with RestoreClient(args.address, round_robin=args.round_robin) as client:
             reply = client.restore(images=images, masks=masks, timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"nnserve restore: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
@@ -127,7 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
     )
     try:
-        with GenerateClient(args.address) as client:
+        with GenerateClient(args.address, round_robin=args.round_robin) as client:
             if args.model == "diffusion":
                 reply = None
                 for event in client.stream(timeout=args.timeout, **options):
@@ -267,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify = sub.add_parser("classify", help="classify image files")
     classify.add_argument("images", nargs="+")
     classify.add_argument("--address", default="127.0.0.1:50051")
+    classify.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
     classify.add_argument("--top-k", type=int, default=3)
     classify.add_argument("--timeout", type=float, default=30.0)
     classify.add_argument("--json", action="store_true", help="print the reply as JSON")
@@ -276,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--masks", nargs="*", default=[], help="damage masks, one per image (white = inpaint)")
     restore.add_argument("--out", type=Path, default=Path("restored"))
     restore.add_argument("--address", default="127.0.0.1:50052")
+    restore.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
     restore.add_argument("--timeout", type=float, default=30.0)
 
     generate = sub.add_parser("generate", help="generate images with the GAN or the diffusion model")
@@ -291,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("generated.png"), help="a .png file (one grid) or a directory"
     )
     generate.add_argument("--address", default="127.0.0.1:50053")
+    generate.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
     generate.add_argument("--timeout", type=float, default=300.0)
 
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")

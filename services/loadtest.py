@@ -210,7 +210,8 @@ async def make_caller(args: argparse.Namespace, channel: grpc.aio.Channel) -> tu
 
 
 async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: int) -> Result:
-    channels = [grpc.aio.insecure_channel(args.target, options=channel_options()) for _ in range(args.channels)]
+    options = channel_options(round_robin=args.round_robin)
+    channels = [grpc.aio.insecure_channel(args.target, options=options) for _ in range(args.channels)]
     made = [await make_caller(args, c) for c in channels]
     stubs = [caller for caller, _ in made]
     images = made[0][1]
@@ -388,6 +389,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-dir", default="examples/images")
     p.add_argument("--files", nargs="*", default=[])
     p.add_argument("--channels", type=int, default=4, help="gRPC channels per process")
+    p.add_argument(
+        "--round-robin",
+        action="store_true",
+        help="spread calls over every address the target resolves to (use dns:///host:port for replicas)",
+    )
     p.add_argument("--processes", type=int, default=1, help="client processes, so the client is not the bottleneck")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
