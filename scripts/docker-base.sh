@@ -4,12 +4,15 @@
 # works as in python:3.11-slim), trim caches and docs, and `docker import` it.
 #
 #   bash scripts/docker-base.sh [TAG]         # default nnserve-base:bookworm; skips if it exists
+#   FRESH=1 bash scripts/docker-base.sh       # rebuild even if it exists (CI does)
 #
 # Needs root, debootstrap and a running Docker engine. MIRROR overrides the Debian mirror.
 set -euo pipefail
 tag=${1:-nnserve-base:bookworm}
 mirror=${MIRROR:-http://deb.debian.org/debian}
-if docker image inspect "$tag" >/dev/null 2>&1; then
+if [ "${FRESH:-0}" = 1 ]; then
+    docker image rm -f "$tag" >/dev/null 2>&1 || true
+elif docker image inspect "$tag" >/dev/null 2>&1; then
     echo "base image $tag exists"
     exit 0
 fi

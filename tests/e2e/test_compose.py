@@ -112,6 +112,7 @@ def up_targets() -> dict[str, int]:
 def stack(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """The deployment, up and healthy: service name -> host address of its first replica."""
     started = time.monotonic()
+    compose("down", "--volumes", "--remove-orphans")  # whatever an interrupted run left behind
     compose("up", "-d", "classify", "restore", "generate", "prometheus")
     try:
         for service in PORTS:
