@@ -7,7 +7,7 @@
 # BASE_IMAGE defaults to the public slim Python image; any Debian-based image with Python 3.11+
 # on PATH as python3 works (CI builds one locally with debootstrap: scripts/docker-base.sh). With
 # WHEELS=local, dependencies come only from docker/wheels/ (fill it on the host:
-# pip download -d docker/wheels '.[serve]' 'setuptools>=68'), for offline builds.
+# pip download -d docker/wheels '.[serve]' 'setuptools>=77'), for offline builds.
 ARG BASE_IMAGE=python:3.11-slim
 
 # Build stage: install into a venv without pip, so neither pip, the wheels nor the sources'
