@@ -52,7 +52,7 @@ train-classifier: system-deps $(VENV)/.installed-all
 	$(BIN)/python -m training.train_classifier --epochs 15 --seed 0 --out models/classifier/1
 
 train-autoencoder: system-deps $(VENV)/.installed-all
-	$(BIN)/python -m training.train_autoencoder --epochs 6 --widths 24 48 64 --seed 0 --out models/autoencoder/1
+	$(BIN)/python -m training.train_autoencoder --epochs 6 --threads 1 --seed 0 --widths 24 48 64 --kind-weights 1 3 1 1 1 --out models/autoencoder/1
 
 train-gan: system-deps $(VENV)/.installed-all
 	$(BIN)/python -m training.train_gan --epochs 6 --seed 0 --out models/gan_generator/1

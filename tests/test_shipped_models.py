@@ -81,7 +81,6 @@ def test_autoencoder_bars_through_onnxruntime() -> None:
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known miss: restored sigma-0.3 accuracy is 11.4 points below clean (bar: 8)")
 def test_autoencoder_restored_accuracy_bar() -> None:
     """The shipped classifier on restored sigma-0.3 images is within 8 points of its clean accuracy."""
     metrics = autoencoder_metrics()

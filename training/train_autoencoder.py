@@ -1,6 +1,6 @@
 """Train the denoising/inpainting autoencoder, evaluate it, export it with manifest and model card.
 
-python -m training.train_autoencoder --epochs 8 --seed 0 --out models/autoencoder/1
+python -m training.train_autoencoder --epochs 6 --threads 1 --seed 0 --kind-weights 1 3 1 1 1 --out models/autoencoder/1
 python -m training.train_autoencoder --dry-run
 """
 
