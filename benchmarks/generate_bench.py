@@ -29,7 +29,9 @@ from services.client import GenerateClient  # noqa: E402
 from services.proto.nnserve.v1 import generate_pb2_grpc  # noqa: E402
 
 
-def start(step_batching: bool, workdir: Path, repository: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(
+    step_batching: bool, workdir: Path, repository: Path, providers: str = "CPUExecutionProvider"
+) -> tuple[subprocess.Popen[bytes], str]:
     port_file = workdir / f"generate-{step_batching}.json"
     command = [
         "taskset",
@@ -50,6 +52,8 @@ def start(step_batching: bool, workdir: Path, repository: Path) -> tuple[subproc
         str(port_file),
         "--model-repository",
         str(repository),
+        "--providers",
+        providers,
     ]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -92,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--model-repository", type=Path, default=ROOT / "models")
+    parser.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="onnxruntime providers for the server, comma-separated (CUDAExecutionProvider on a GPU machine)",
+    )
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, {1})
     plan = [("gan", 16, 0), ("diffusion", 1, 10), ("diffusion", 16, 10), ("diffusion", 1, 50), ("diffusion", 16, 50)]
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for step_batching in (True, False):
             mode = "step_batching_on" if step_batching else "step_batching_off"
-            proc, address = start(step_batching, Path(tmp), args.model_repository)
+            proc, address = start(step_batching, Path(tmp), args.model_repository, args.providers)
             try:
                 for model, concurrency, steps in plan:
                     if model == "gan" and not step_batching:
