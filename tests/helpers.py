@@ -39,11 +39,19 @@ def make_tiny_classifier(repository: Path, version: int = 1, name: str = "classi
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    directory = repository / name / str(version)
-    directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, directory / "model.onnx")
+    ood = OodCalibration(score="energy", threshold=-2.5, calibration="fixed, for tests")
+    return save_classifier(model, repository, name, version, ood)
+
+
+def save_classifier(
+    model: onnx.ModelProto,
+    repository: Path,
+    name: str = "classifier",
+    version: int = 1,
+    ood: OodCalibration | None = None,
+) -> Path:
+    """Save an image -> logits graph into the repository with a valid classifier manifest."""
+    directory = _save(model, repository, name, version)
     Manifest(
         name=name,
         version=version,
@@ -53,7 +61,7 @@ def make_tiny_classifier(repository: Path, version: int = 1, name: str = "classi
         inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 28, 28])],
         outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 10])],
         labels=list(LABELS),
-        ood=OodCalibration(score="energy", threshold=-2.5, calibration="fixed, for tests"),
+        ood=ood,
     ).write(directory / "manifest.json")
     return directory
 

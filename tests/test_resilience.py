@@ -12,17 +12,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from services.client import tensor_message
-from services.core.manifest import Manifest, TensorSpec
 from services.loadtest import add_arguments
 from services.loadtest import run as run_load
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
-from tests.helpers import metric_value, start_service
-from training.data import LABELS, file_sha256
+from tests.helpers import metric_value, save_classifier, start_service
 
 pytestmark = pytest.mark.slow
 REQUEST = classify_pb2.ClassifyRequest(tensor=tensor_message(np.zeros((1, 28, 28), np.uint8)))
@@ -47,21 +44,7 @@ def make_slow_classifier(repository: Path, layers: int = 200) -> None:
             numpy_helper.from_array((rng.normal(0, 0.03, (1024, 10))).astype(np.float32), "W_out"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    directory = repository / "classifier" / "1"
-    directory.mkdir(parents=True)
-    onnx.save(model, directory / "model.onnx")
-    Manifest(
-        name="classifier",
-        version=1,
-        task="image-classification",
-        sha256=file_sha256(directory / "model.onnx"),
-        opset=18,
-        inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 28, 28])],
-        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 10])],
-        labels=list(LABELS),
-    ).write(directory / "manifest.json")
+    save_classifier(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), repository)
 
 
 def proc_stats(pid: int) -> dict[str, int]:
