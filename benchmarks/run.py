@@ -59,17 +59,22 @@ def wait_ready(address: str, timeout: float = 90.0) -> None:
 
 @contextmanager
 def server(name: str, workdir: Path) -> Iterator[str]:
-    """Start one server pinned to core 0; yields its gRPC address."""
+    """Start one server pinned to core 0; yields its gRPC address.
+
+    Names: echo, nnserve (classify), nnserve-nobatch (classify, batching off), nnserve-restore,
+    kserve, mlserver.
+    """
     port = free_port()
     env = dict(os.environ)
     cwd = ROOT
     if name == "echo":
         command = [PY, "benchmarks/echo_server.py", "--port", str(port)]
     elif name.startswith("nnserve"):
+        service = "restore" if name == "nnserve-restore" else "classify"
         command = [
             PY,
             "-m",
-            "services.classify",
+            f"services.{service}",
             "--port",
             str(port),
             "--metrics-port",
@@ -129,34 +134,6 @@ def server(name: str, workdir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-
-
-@contextmanager
-def restore_server(workdir: Path) -> Iterator[str]:
-    port = free_port()
-    command = [
-        PY,
-        "-m",
-        "services.restore",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "none",
-        "--intra-op-threads",
-        "1",
-        "--max-queue-size",
-        "4096",
-        "--model-poll-interval-s",
-        "0",
-    ]
-    with open(workdir / "restore.log", "wb") as log:
-        proc = subprocess.Popen(["taskset", "-c", "0", *command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(f"127.0.0.1:{port}")
-            yield f"127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
 
 
 def load(address: str, rpc: str, seconds: float, *args: str) -> dict:
@@ -262,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
                     results.setdefault("open_loop", {})[f"{name} {rpc}"] = sweep
-        with restore_server(Path(tmp)) as address:
+        with server("nnserve-restore", Path(tmp)) as address:
             for label, extra in (("restore c=16", ["-c", "16"]), ("restore 64-image c=4", ["-c", "4", "-n", "64"])):
                 r = load(address, "restore", args.seconds, *extra)
                 results.setdefault("restore", {})[label] = r
