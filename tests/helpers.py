@@ -147,7 +147,7 @@ def make_tiny_gan(repository: Path, latent_dim: int = 8, version: int = 1, name:
         opset=18,
         inputs=[
             TensorSpec(name="z", dtype="float32", shape=[-1, latent_dim]),
-            TensorSpec(name="label", dtype="int64", shape=[-1]),
+            TensorSpec(name="label", dtype="int64", shape=[-1], range=(0, 9)),
         ],
         outputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 28, 28])],
         labels=list(LABELS),
@@ -195,8 +195,8 @@ def make_tiny_denoiser(repository: Path, version: int = 1, name: str = "diffusio
         opset=18,
         inputs=[
             TensorSpec(name="x_t", dtype="float32", shape=spec),
-            TensorSpec(name="t", dtype="int64", shape=[-1]),
-            TensorSpec(name="label", dtype="int64", shape=[-1]),
+            TensorSpec(name="t", dtype="int64", shape=[-1], range=(0, 999)),
+            TensorSpec(name="label", dtype="int64", shape=[-1], range=(0, 10)),
         ],
         outputs=[TensorSpec(name="eps", dtype="float32", shape=spec)],
         labels=list(LABELS),

@@ -13,21 +13,25 @@ from prometheus_client import CollectorRegistry
 from services.classify.__main__ import build
 from services.client import tensor_message
 from services.core.batching import DynamicBatcher
+from services.core.errors import InvalidInput
 from services.core.server import GrpcServer
 from services.core.settings import ClassifySettings
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 from tests.helpers import metric_value
 
 
-def test_a_failing_batch_fails_its_requests_with_internal_and_the_server_stays_up(tiny_repository: Path) -> None:
-    """A batch holding a poisoned row fails every request in it; the next batch is served."""
+def test_a_failing_batch_is_isolated_so_only_the_poisoned_request_fails(tiny_repository: Path) -> None:
+    """A merged batch holding a poisoned row is re-run request by request: the valid requests
+    merged with it succeed, only the culprit gets INTERNAL, and the isolation is counted."""
     settings = ClassifySettings(model_repository=tiny_repository, port=0, metrics_port=None, max_delay_ms=300)
     registry = CollectorRegistry()
     service = build(settings, registry)
     batcher = service.slots[0].current.batcher
     real_predict = batcher._predict
+    batch_sizes: list[int] = []
 
     def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch_sizes.append(len(inputs["image"]))
         if (inputs["image"] == 1.0).all(axis=(1, 2, 3)).any():
             raise RuntimeError("simulated onnxruntime failure")
         return real_predict(inputs)
@@ -50,14 +54,45 @@ def test_a_failing_batch_fails_its_requests_with_internal_and_the_server_stays_u
             await server.stop(1.0)
 
     first, after = asyncio.run(run())
-    assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.INTERNAL for r in first), first
-    assert all("failed on this batch" in r.details() for r in first)  # type: ignore[union-attr]
+    assert all(isinstance(r, classify_pb2.ClassifyResponse) for r in first[:3]), first
+    poisoned = first[3]
+    assert isinstance(poisoned, grpc.aio.AioRpcError) and poisoned.code() == grpc.StatusCode.INTERNAL, poisoned
+    assert "failed on this request" in poisoned.details()
     assert isinstance(after, classify_pb2.ClassifyResponse)
     from prometheus_client import generate_latest
 
     text = generate_latest(registry).decode()
-    assert metric_value(text, "nnserve_model_failures_total") == 1
-    assert metric_value(text, "nnserve_grpc_requests_total", code="INTERNAL") == 4
+    merged = [n for n in batch_sizes if n > 1]
+    assert merged, f"the four requests were never merged: {batch_sizes}"
+    assert metric_value(text, "nnserve_batch_isolations_total") == len(merged)
+    assert metric_value(text, "nnserve_grpc_requests_total", code="INTERNAL") == 1
+    assert metric_value(text, "nnserve_grpc_requests_total", code="OK") == 4
+
+
+def test_onnxruntime_refusing_one_requests_values_is_that_requests_invalid_argument() -> None:
+    """onnxruntime's InvalidArgument on a request run alone is the request's fault."""
+
+    class InvalidArgument(Exception):  # the name onnxruntime's pybind exception class has
+        pass
+
+    def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (inputs["x"] < 0).any():
+            raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Status Message: idx=-1 out of bounds")
+        return {"y": inputs["x"] * 2}
+
+    async def run() -> list[object]:
+        batcher = DynamicBatcher(predict, name="m", max_batch_size=8, max_delay_s=0.2)
+        batcher.start()
+        results = await asyncio.gather(
+            *(batcher.submit({"x": np.full((1, 2), v, np.float32)}) for v in (1, -1, 2)), return_exceptions=True
+        )
+        await batcher.stop()
+        return results
+
+    ok1, bad, ok2 = asyncio.run(run())
+    assert isinstance(ok1, dict) and (ok1["y"] == 2).all()
+    assert isinstance(ok2, dict) and (ok2["y"] == 4).all()
+    assert isinstance(bad, InvalidInput) and "refused these values" in str(bad) and "out of bounds" in str(bad)
 
 
 def test_batches_respect_max_batch_size_and_split_results_back() -> None:

@@ -134,13 +134,22 @@ def check_parity(
     )
 
 
-def tensor_specs(session: ort.InferenceSession) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input and output specs read back from the exported graph (dynamic axes become -1)."""
+def tensor_specs(
+    session: ort.InferenceSession, ranges: Mapping[str, tuple[int, int]] | None = None
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs read back from the exported graph (dynamic axes become -1).
+
+    ``ranges`` gives the valid inclusive [low, high] of index-like integer inputs (labels,
+    timesteps), which serving enforces before a request joins a batch.
+    """
     dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
+    ranges = ranges or {}
 
     def spec(arg: Any) -> TensorSpec:
         shape = [d if isinstance(d, int) else -1 for d in arg.shape]
-        return TensorSpec(name=arg.name, dtype=dtypes[arg.type], shape=shape)  # type: ignore[arg-type]
+        return TensorSpec(
+            name=arg.name, dtype=dtypes[arg.type], shape=shape, range=ranges.get(arg.name)  # type: ignore[arg-type]
+        )
 
     return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
 

@@ -298,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_grid(grid.reshape(10, 10, 28, 28), args.out / "sample_grid.png")
     if history:
         save_curves(history, ["train_loss"], args.out / "training_curves.png", "diffusion")
-    inputs, outputs = tensor_specs(onnx_session(onnx_path))
+    inputs, outputs = tensor_specs(
+        onnx_session(onnx_path), ranges={"t": (0, NUM_TRAIN_STEPS - 1), "label": (0, NULL_CLASS)}
+    )
     fields: dict[str, Any] = {
         "name": "diffusion_denoiser",
         "version": int(args.out.name) if args.out.name.isdigit() else 1,

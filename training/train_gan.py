@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = run_onnx(onnx_session(onnx_path), {"z": grid_z.numpy(), "label": grid_y.numpy()})[0]
     save_grid(grid.reshape(10, 10, 28, 28), args.out / "sample_grid.png")
     save_curves(history, ["d_loss", "g_loss"], args.out / "training_curves.png", "gan")
-    inputs, outputs = tensor_specs(onnx_session(onnx_path))
+    inputs, outputs = tensor_specs(onnx_session(onnx_path), ranges={"label": (0, 9)})
     fields: dict[str, Any] = {
         "name": "gan_generator",
         "version": int(args.out.name) if args.out.name.isdigit() else 1,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.core.errors import InvalidInput
-from services.core.images import TensorInput, collect_images
+from services.core.images import MAX_REQUEST_PIXELS, TensorInput, collect_images
 from services.core.manifest import Manifest
 
 MAX_TOP_K = 10
@@ -38,7 +38,7 @@ def energy(logits: np.ndarray) -> np.ndarray:
 class ClassifierModel:
     """The classify service's view of a classifier manifest."""
 
-    def __init__(self, manifest: Manifest, max_images: int) -> None:
+    def __init__(self, manifest: Manifest, max_images: int, max_pixels: int = MAX_REQUEST_PIXELS) -> None:
         if len(manifest.inputs) != 1 or len(manifest.outputs) < 1:
             raise ValueError(f"classifier {manifest.name}/{manifest.version} must have one input and a logits output")
         self.manifest = manifest
@@ -50,10 +50,11 @@ class ClassifierModel:
             self.labels = [str(i) for i in range(self.num_classes)]
         self.ood_threshold = manifest.ood.threshold if manifest.ood else float("inf")
         self.max_images = max_images
+        self.max_pixels = max_pixels
 
     def batch(self, images: list[bytes], tensor: TensorInput | None) -> np.ndarray:
         """Validate and convert a request's images into float32 [N, 1, 28, 28]."""
-        return collect_images(images, tensor, self.max_images)
+        return collect_images(images, tensor, self.max_images, max_pixels=self.max_pixels)
 
     def top_k(self, requested: int, default: int) -> int:
         k = requested or default

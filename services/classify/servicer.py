@@ -8,6 +8,7 @@ from services.classify.model import ClassifierModel
 from services.core.convert import deadline_of, tensor_input
 from services.core.deployment import ModelSlot
 from services.core.errors import ModelNotFound
+from services.core.images import off_loop
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 
 
@@ -27,7 +28,10 @@ class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
             )
         k = model.top_k(request.top_k, self.default_top_k)
         tensor = tensor_input(request.tensor) if request.HasField("tensor") else None
-        batch = model.batch(list(request.images), tensor)
+        if request.images:
+            batch = await off_loop(model.batch, list(request.images), tensor)
+        else:  # raw tensors cost microseconds: a thread hop would cost more than it saves
+            batch = model.batch([], tensor)
         outputs = await deployment.batcher.submit({model.input_name: batch}, deadline_of(context))
         result = model.postprocess(outputs[model.output_name], k)
         labels = model.labels

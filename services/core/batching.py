@@ -12,7 +12,10 @@ any waiting.
   under overload the service sheds the excess fast and keeps admitted requests' latency bounded.
 - A request whose deadline passed, or whose caller went away, while queued is dropped before
   inference (``DeadlineExpired``).
-- A failing model call fails every request of that batch (``InferenceFailed``); the worker goes on.
+- One request never fails another. Inputs are validated before they are queued; if a merged
+  batch still fails, each of its requests is re-run alone so that only the culprit fails, with
+  ``InvalidInput`` when onnxruntime refused its values and ``InferenceFailed`` otherwise (the
+  isolations are counted in ``nnserve_batch_isolations_total``). The worker goes on.
 - A request larger than ``max_batch_size`` runs alone, in one call.
 """
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.core.errors import DeadlineExpired, InferenceFailed, Overloaded, Unavailable
+from services.core.errors import DeadlineExpired, InferenceFailed, InvalidInput, NnserveError, Overloaded, Unavailable
 from services.core.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,18 @@ DEADLINE_SLACK_S = 0.1
 
 Arrays = Mapping[str, np.ndarray]
 Predict = Callable[[Arrays], dict[str, np.ndarray]]
+
+
+def failure_for(exc: BaseException, model: str) -> NnserveError:
+    """What a request that failed *on its own* is told: its input's fault, or the model's.
+
+    onnxruntime raises its ``InvalidArgument`` for values a kernel refuses (an index out of
+    bounds): that is the request's fault. Anything else is the server's, and says no more.
+    """
+    if type(exc).__name__ == "InvalidArgument":
+        detail = str(exc).split("Status Message:", 1)[-1].strip()
+        return InvalidInput("inputs", f"model {model} refused these values: {detail[:200]}")
+    return InferenceFailed(f"model {model} failed on this request")
 
 
 @dataclass
@@ -232,11 +247,6 @@ class DynamicBatcher:
         self.stats.fail_ns += int((now - request.enqueued) * 1e9)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
-        if len(batch) == 1:
-            inputs = batch[0].inputs
-        else:
-            inputs = {k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs}
-        rows = sum(r.rows for r in batch)
         started = time.perf_counter()
         m = self._metrics
         stats = self.stats
@@ -245,17 +255,43 @@ class DynamicBatcher:
             if m:
                 m.queue_wait.observe(started - request.enqueued)
         stats.queue_count += len(batch)
+        await self._run_batch(loop, batch)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs}
+        rows = sum(r.rows for r in batch)
+        m = self._metrics
+        stats = self.stats
+        started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
-        except Exception:
-            log.exception("model %s failed on a batch of %d rows from %d requests", self.name, rows, len(batch))
+        except Exception as exc:
             if m:
                 m.failures.inc()
-            now = time.perf_counter()
-            for request in batch:
-                self._count_failure(request, now)
-                if not request.future.done():
-                    request.future.set_exception(InferenceFailed(f"model {self.name} failed on this batch"))
+            if len(batch) > 1:
+                # Isolate: one bad request must not fail the valid ones merged with it.
+                log.warning(
+                    "model %s failed on a merged batch of %d requests (%s); re-running each alone",
+                    self.name,
+                    len(batch),
+                    str(exc)[:200],
+                )
+                if m:
+                    m.isolations.inc()
+                for request in batch:
+                    if not request.future.done():
+                        await self._run_batch(loop, [request])
+                return
+            request = batch[0]
+            failure = failure_for(exc, self.name)
+            if isinstance(failure, InferenceFailed):
+                log.error("model %s failed on a request of %d rows", self.name, rows, exc_info=exc)
+            self._count_failure(request, time.perf_counter())
+            if not request.future.done():
+                request.future.set_exception(failure)
             return
         finished = time.perf_counter()
         compute_ns = int((finished - started) * 1e9)

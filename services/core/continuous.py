@@ -8,6 +8,16 @@ cancelled or past their deadline, freeing their rows at once.
 
 With ``enabled=False`` each model call serves one job only (round-robin), which is what running
 every request's loop separately costs; the benchmark compares the two.
+
+Admission keeps admitted jobs on time. Every active job advances one step per round, and a round
+costs (rows of all jobs) x (seconds per row, measured), so a job's finish time can be estimated
+from the load. A new job is refused at once (``Overloaded``) when, at the load it would add to,
+it would not finish before its own deadline (``DeadlineExpired`` when not even an idle model
+could make it) or would push an admitted job past its deadline; and,
+as in the dynamic batcher, while the oldest waiting job has waited over ``max_queue_wait_s``.
+
+One job never fails another: when a shared call fails, each job's rows are re-run alone so that
+only the culprit fails.
 """
 
 from __future__ import annotations
@@ -23,8 +33,8 @@ from typing import Protocol
 
 import numpy as np
 
-from services.core.batching import BatchStats
-from services.core.errors import DeadlineExpired, InferenceFailed, Overloaded, Unavailable
+from services.core.batching import BatchStats, failure_for
+from services.core.errors import DeadlineExpired, Overloaded, Unavailable
 from services.core.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,15 @@ class IterativeJob(Protocol):
     def inputs(self) -> dict[str, np.ndarray]: ...
 
     def advance(self, output: np.ndarray) -> None: ...
+
+
+def _remaining_calls(job: IterativeJob) -> int:
+    """Model calls a job still needs (jobs that do not say are counted as one)."""
+    steps = getattr(job, "steps", None)
+    index = getattr(job, "index", None)
+    if steps is None or index is None:
+        return 1
+    return max(1, len(steps) - int(index))
 
 
 @dataclass(eq=False)
@@ -68,6 +87,7 @@ class StepBatcher:
         max_rows_per_call: int = 256,
         max_rows_in_flight: int = 1024,
         max_waiting: int = 256,
+        max_queue_wait_s: float = 0.0,
         enabled: bool = True,
         metrics: ModelMetrics | None = None,
     ) -> None:
@@ -77,7 +97,9 @@ class StepBatcher:
         self.max_rows_per_call = max_rows_per_call
         self.max_rows_in_flight = max_rows_in_flight
         self.max_waiting = max_waiting
+        self.max_queue_wait_s = max_queue_wait_s
         self.enabled = enabled
+        self.seconds_per_row = 0.0  # moving average over model calls; 0 until the first call
         self._metrics = metrics
         self._waiting: deque[_Entry] = deque()
         self._active: list[_Entry] = []
@@ -126,6 +148,7 @@ class StepBatcher:
             raise Overloaded(
                 f"{len(self._waiting)} generation jobs already wait for rows (max {self.max_waiting}); retry later"
             )
+        self._check_admission(job, deadline)
         entry = _Entry(job, asyncio.get_running_loop().create_future(), deadline, on_step)
         self._waiting.append(entry)
         if self._metrics:
@@ -136,6 +159,49 @@ class StepBatcher:
         except asyncio.CancelledError:
             entry.cancelled = True  # the worker drops it before the next step and frees its rows
             raise
+
+    def _check_admission(self, job: IterativeJob, deadline: float | None) -> None:
+        """Refuse ``job`` now if the queue is stale or it would make itself or others late."""
+        now = time.perf_counter()
+        if self.max_queue_wait_s and self._waiting:
+            waited = now - self._waiting[0].enqueued
+            if waited > self.max_queue_wait_s:
+                self._shed(
+                    f"model {self.name} is overloaded: the oldest waiting generation job has waited "
+                    f"{waited * 1000:.0f} ms (max_queue_wait_ms={self.max_queue_wait_s * 1000:.0f}); retry later"
+                )
+        if not self.seconds_per_row:
+            return  # no measurement yet
+        rows = self._rows_in_flight + sum(e.job.rows for e in self._waiting) + job.rows
+        round_s = rows * self.seconds_per_row
+        if deadline is not None:
+            alone = _remaining_calls(job) * job.rows * self.seconds_per_row
+            if now + alone > deadline:
+                # Not even an idle server would finish in time: the deadline, not the load, is the problem.
+                if self._metrics:
+                    self._metrics.deadline.inc()
+                raise DeadlineExpired(
+                    f"this request needs about {alone:.1f} s of model time on its own, more than its deadline leaves "
+                    f"({max(0.0, deadline - now):.2f} s); ask for fewer images or steps, or a longer deadline"
+                )
+            needed = _remaining_calls(job) * round_s
+            if now + needed > deadline:
+                self._shed(
+                    f"model {self.name} is busy: at the current load ({rows} denoiser rows per round) this request "
+                    f"needs about {needed:.1f} s, more than its deadline leaves ({max(0.0, deadline - now):.1f} s); "
+                    "retry later, with fewer images or steps, or with a longer deadline"
+                )
+        for entry in (*self._active, *self._waiting):
+            if entry.deadline is not None and now + _remaining_calls(entry.job) * round_s > entry.deadline:
+                self._shed(
+                    f"model {self.name} is at capacity: admitting this request would make admitted ones miss their "
+                    "deadlines; retry later"
+                )
+
+    def _shed(self, message: str) -> None:
+        if self._metrics:
+            self._metrics.queue_full.inc()
+        raise Overloaded(message)
 
     def _admit(self) -> None:
         while self._waiting and self._rows_in_flight + self._waiting[0].job.rows <= self.max_rows_in_flight:
@@ -212,35 +278,53 @@ class StepBatcher:
                     break
                 await self._wakeup.wait()
                 continue
-            parts = [e.job.inputs() for e in chosen]
-            inputs = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            rows = sum(e.job.rows for e in chosen)
-            started = time.perf_counter()
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
-            except Exception:
-                log.exception("model %s failed on a step of %d rows from %d jobs", self.name, rows, len(chosen))
+            await self._step(loop, chosen)
+
+    async def _step(self, loop: asyncio.AbstractEventLoop, chosen: list[_Entry]) -> None:
+        """One model call over the chosen jobs' rows, and each job's advance."""
+        parts = [e.job.inputs() for e in chosen]
+        inputs = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        rows = sum(e.job.rows for e in chosen)
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+        except Exception as exc:
+            if self._metrics:
+                self._metrics.failures.inc()
+            if len(chosen) > 1:
+                log.warning(
+                    "model %s failed on a shared step of %d jobs (%s); re-running each alone",
+                    self.name,
+                    len(chosen),
+                    str(exc)[:200],
+                )
                 if self._metrics:
-                    self._metrics.failures.inc()
+                    self._metrics.isolations.inc()
                 for entry in chosen:
-                    self._retire(entry, InferenceFailed(f"model {self.name} failed during sampling"))
-                continue
-            elapsed = time.perf_counter() - started
-            self._account(rows, elapsed)
-            output, offset = outputs[self.output], 0
-            for entry in chosen:
-                n = entry.job.rows
-                if not entry.cancelled and not entry.future.done():
-                    entry.job.advance(output[offset : offset + n])
-                    if entry.on_step is not None:
-                        entry.on_step()
-                offset += n
-                if entry.cancelled or entry.future.done():
-                    if self._metrics:
-                        self._metrics.cancelled.inc()
-                    self._retire(entry)
-                elif entry.job.done:
-                    self._retire(entry)
+                    if entry in self._active:
+                        await self._step(loop, [entry])
+                return
+            failure = failure_for(exc, self.name)
+            log.error("model %s failed during sampling (%d rows)", self.name, rows, exc_info=exc)
+            if chosen[0] in self._active:
+                self._retire(chosen[0], failure)
+            return
+        elapsed = time.perf_counter() - started
+        self._account(rows, elapsed)
+        output, offset = outputs[self.output], 0
+        for entry in chosen:
+            n = entry.job.rows
+            if not entry.cancelled and not entry.future.done():
+                entry.job.advance(output[offset : offset + n])
+                if entry.on_step is not None:
+                    entry.on_step()
+            offset += n
+            if entry.cancelled or entry.future.done():
+                if self._metrics:
+                    self._metrics.cancelled.inc()
+                self._retire(entry)
+            elif entry.job.done:
+                self._retire(entry)
 
     def _account(self, rows: int, elapsed: float) -> None:
         s = self.stats
@@ -250,6 +334,8 @@ class StepBatcher:
         s.rows += rows
         s.batches += 1
         s.last_inference_ms = int(time.time() * 1000)
+        per_row = elapsed / max(rows, 1)
+        self.seconds_per_row = per_row if not self.seconds_per_row else 0.8 * self.seconds_per_row + 0.2 * per_row
         per_size = s.by_batch_size.setdefault(rows, [0, 0])
         per_size[0] += 1
         per_size[1] += ns

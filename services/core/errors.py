@@ -5,6 +5,26 @@ Every message names the offending field and, where there is one, the limit it br
 
 from __future__ import annotations
 
+import re
+
+# Anything echoed from a request into a message is cut to this many characters: a client must not
+# be able to make an error bigger than its request (gRPC refuses oversized trailing metadata).
+ECHO_LIMIT = 64
+_REPR_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length noted (for echoing input)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}...({len(text)} chars)"
+
+
+def scrub(message: str) -> str:
+    """A library's exception text without object reprs and heap addresses."""
+    return _REPR_ADDRESS.sub("the data", message)
+
 
 class NnserveError(Exception):
     """Base of every error a client may be told about."""

@@ -27,6 +27,9 @@ class TensorSpec(BaseModel):
     name: str
     dtype: DType
     shape: list[int]
+    # Inclusive [low, high] of every value of an integer input that indexes something (a class
+    # label, a timestep): serving refuses values outside it before they can reach a batch.
+    range: tuple[int, int] | None = None
 
 
 class Preprocessing(BaseModel):
@@ -78,6 +81,7 @@ class Manifest(BaseModel):
     file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     opset: int
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: a quantized variant beside the fp32 file
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     preprocessing: Preprocessing = Preprocessing()

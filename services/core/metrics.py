@@ -112,6 +112,12 @@ class Metrics:
             ["service", "model", "reason"],
             registry=registry,
         )
+        self.isolations = Counter(
+            "nnserve_batch_isolations_total",
+            "Merged model calls that failed and were re-run request by request, so that only the culprit fails.",
+            ["service", "model"],
+            registry=registry,
+        )
         self.reloads = Counter(
             "nnserve_model_reloads_total",
             "Model version reloads, by result (loaded or rejected).",
@@ -120,8 +126,8 @@ class Metrics:
         )
         self.model_info = Gauge(
             "nnserve_model_info",
-            "The model version being served (value 1).",
-            ["service", "model", "version", "provider"],
+            "The model version being served (value 1), its execution provider and precision (fp32, int8).",
+            ["service", "model", "version", "provider", "precision"],
             registry=registry,
         )
 
@@ -136,6 +142,7 @@ class Metrics:
             rows=self.rows.labels(**labels),
             batches=self.batches.labels(**labels),
             failures=self.failures.labels(**labels),
+            isolations=self.isolations.labels(**labels),
             queue_full=self.rejected.labels(reason="queue_full", **labels),
             deadline=self.rejected.labels(reason="deadline_exceeded", **labels),
             cancelled=self.rejected.labels(reason="cancelled", **labels),
@@ -153,6 +160,7 @@ class ModelMetrics:
     rows: Any
     batches: Any
     failures: Any
+    isolations: Any
     queue_full: Any
     deadline: Any
     cancelled: Any

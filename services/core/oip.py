@@ -18,7 +18,7 @@ from grpc import aio
 
 from services.core.convert import deadline_of
 from services.core.deployment import Deployment, ModelSlot, StaticSlot
-from services.core.errors import InvalidInput, ModelNotFound
+from services.core.errors import InvalidInput, ModelNotFound, shorten
 from services.core.manifest import Manifest, TensorSpec
 from services.proto.inference import grpc_service_pb2 as pb
 from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -93,11 +93,13 @@ def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: i
     if unknown:
         raise InvalidInput(
             f"inputs[{given.index(unknown[0])}]",
-            f"model {manifest.name} has no input {unknown[0]!r} (inputs: {sorted(expected)})",
+            f"model {manifest.name} has no input {shorten(unknown[0])} (inputs: {sorted(expected)})",
         )
     missing = [n for n in expected if n not in given]
     if missing or len(given) != len(set(given)):
-        raise InvalidInput("inputs", f"model {manifest.name} needs exactly one each of {sorted(expected)}, got {given}")
+        raise InvalidInput(
+            "inputs", f"model {manifest.name} needs exactly one each of {sorted(expected)}, got {shorten(given, 200)}"
+        )
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput("raw_input_contents", f"has {len(raw)} entries for {len(request.inputs)} inputs")
@@ -108,7 +110,8 @@ def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: i
         dtype = _spec_dtype(spec)
         where = f"input {tensor.name!r}"
         if tensor.datatype != dtype.name:
-            raise InvalidInput(where, f"datatype must be {dtype.name}, got {tensor.datatype or 'none'}")
+            given_type = shorten(tensor.datatype) if tensor.datatype else "none"
+            raise InvalidInput(where, f"datatype must be {dtype.name}, got {given_type}")
         shape = [int(d) for d in tensor.shape]
         if len(shape) != len(spec.shape) or any(s != e for s, e in zip(shape, spec.shape, strict=True) if e != -1):
             raise InvalidInput(where, f"shape {shape} does not match {spec.shape} (-1: any size)")
@@ -138,8 +141,23 @@ def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: i
                     where, f"contents.{dtype.contents} has {len(values)} values, shape {shape} needs {count}"
                 )
             array = np.asarray(values, dtype=dtype.numpy).reshape(shape)
-        arrays[tensor.name] = np.ascontiguousarray(array, dtype=np.dtype(spec.dtype))
+        array = np.ascontiguousarray(array, dtype=np.dtype(spec.dtype))
+        if spec.range is not None:
+            check_range(array, spec, where)
+        arrays[tensor.name] = array
     return arrays
+
+
+def check_range(array: np.ndarray, spec: TensorSpec, where: str) -> None:
+    """Refuse index-like values outside the manifest's declared range before they join a batch.
+
+    Out of range they would make the whole merged batch fail in onnxruntime (a Gather out of
+    bounds), or worse, silently index something else.
+    """
+    low, high = spec.range  # type: ignore[misc]
+    if array.size and (int(array.min()) < low or int(array.max()) > high):
+        bad = array[(array < low) | (array > high)].flat[0]
+        raise InvalidInput(where, f"values must be in [{low}, {high}], got {int(bad)}")
 
 
 def _duration(count: int, ns: int) -> pb.StatisticDuration:
@@ -161,10 +179,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str) -> HostedModel:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"model_name: unknown model {name!r} (served here: {sorted(self.models)})")
+            raise ModelNotFound(f"model_name: unknown model {shorten(name)} (served here: {sorted(self.models)})")
         if version and version != model.version:
             raise ModelNotFound(
-                f"model_version: model {name!r} has no version {version!r} here (serving {model.version})"
+                f"model_version: model {shorten(name)} has no version {shorten(version)} here (serving {model.version})"
             )
         return model
 
@@ -263,7 +281,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         wanted = [o.name for o in request.outputs] or declared
         for i, name in enumerate(wanted):
             if name not in declared:
-                raise InvalidInput(f"outputs[{i}]", f"model {model.name} has no output {name!r} (outputs: {declared})")
+                raise InvalidInput(
+                    f"outputs[{i}]", f"model {model.name} has no output {shorten(name)} (outputs: {declared})"
+                )
         outputs = await deployment.batcher.submit(inputs, deadline_of(context))
         specs = {s.name: s for s in model.outputs}
         reply = pb.ModelInferResponse(model_name=model.name, model_version=str(deployment.number), id=request.id)

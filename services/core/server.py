@@ -49,15 +49,29 @@ _STATUS: dict[type[errors.NnserveError], grpc.StatusCode] = {
 }
 
 
+# A status message travels in trailing metadata, which gRPC caps (8 KiB by default): longer
+# messages would turn the reply into RESOURCE_EXHAUSTED. Echoed input is shortened where it is
+# formatted (errors.shorten); this is the last line of defence.
+MAX_MESSAGE_CHARS = 2000
+# Label value for calls to methods no servicer registered: one series, whatever the path.
+UNKNOWN_METHOD = "unknown"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and client-visible message for an exception."""
     for cls in type(exc).__mro__:
         code = _STATUS.get(cls)  # type: ignore[call-overload]
         if code is not None:
-            return code, str(exc)
+            return code, _clip(str(exc))
     if isinstance(exc, errors.NnserveError):
-        return grpc.StatusCode.INTERNAL, str(exc)
+        return grpc.StatusCode.INTERNAL, _clip(str(exc))
     return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 20] + f"...({len(message)} chars)"
 
 
 class ServerInterceptor(aio.ServerInterceptor):
@@ -70,8 +84,11 @@ class ServerInterceptor(aio.ServerInterceptor):
         # Set at shutdown: new calls are refused with UNAVAILABLE (health still answers) while
         # in-flight ones finish, so clients move to another replica before the listener closes.
         self.draining = False
-        self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
+        # Wrapped handlers of registered methods only: a cache keyed by whatever path a client
+        # sends would grow without bound.
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._counters: dict[tuple[str, str], Any] = {}
+        self._unknown = grpc.unary_unary_rpc_method_handler(self._unknown_method)
 
     async def intercept_service(
         self,
@@ -79,14 +96,24 @@ class ServerInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
-        try:
-            return self._handlers[method]  # type: ignore[return-value]
-        except KeyError:
-            pass
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
-        wrapped = self._wrap(method.lstrip("/"), handler) if handler is not None else None
+        if handler is None:
+            return self._unknown
+        wrapped = self._wrap(method.lstrip("/"), handler)
         self._handlers[method] = wrapped
-        return wrapped  # type: ignore[return-value]
+        return wrapped
+
+    async def _unknown_method(self, request: Any, context: aio.ServicerContext) -> Any:
+        """A method no servicer registered: authenticate first, so paths cannot be probed without a token."""
+        code = grpc.StatusCode.UNIMPLEMENTED
+        message = "method not found on this server"
+        if self._expected is not None and not self._authorized(context):
+            code, message = grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
+        self._count(UNKNOWN_METHOD, code.name, 0.0)
+        await context.abort(code, message)
 
     def _count(self, method: str, code: str, started: float) -> None:
         counter = self._counters.get((method, code))

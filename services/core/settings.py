@@ -47,6 +47,9 @@ class ServiceSettings(BaseSettings):
         ["CPUExecutionProvider"],
         description="onnxruntime execution providers in order of preference, e.g. CUDAExecutionProvider.",
     )
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="Model variant to serve: fp32, or int8 (quantized, for CPUs) where the version ships one."
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime intra-op threads; 0 uses the CPUs this process may run on."
     )
@@ -117,6 +120,12 @@ class ClassifySettings(ServiceSettings):
     metrics_port: int | None = Field(9101, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("classifier", description="Model in the repository to serve.")
     max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
+        "INVALID_ARGUMENT before any decoding.",
+    )
     default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request leaves it 0.")
 
 
@@ -154,6 +163,12 @@ class RestoreSettings(ServiceSettings):
     metrics_port: int | None = Field(9102, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("autoencoder", description="Model in the repository to serve.")
     max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
+        "INVALID_ARGUMENT before any decoding.",
+    )
 
 
 class GenerateSettings(ServiceSettings):
@@ -175,3 +190,10 @@ class GenerateSettings(ServiceSettings):
     max_rows_per_step: int = Field(256, ge=1, description="Most denoiser rows in one step-batched call.")
     max_rows_in_flight: int = Field(1024, ge=1, description="Most denoiser rows of admitted sampling requests.")
     max_waiting_jobs: int = Field(256, ge=1, description="Sampling requests that may wait for rows.")
+    max_job_wait_ms: float = Field(
+        5000.0,
+        ge=0.0,
+        description="Refuse new sampling requests while the oldest one waiting for rows has waited this long "
+        "(0: off). Requests with a deadline are also refused at once when the current load would make them, or "
+        "an admitted request, miss it.",
+    )

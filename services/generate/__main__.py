@@ -54,10 +54,12 @@ def build(settings: GenerateSettings, registry: CollectorRegistry | None = None)
             max_rows_per_call=settings.max_rows_per_step,
             max_rows_in_flight=settings.max_rows_in_flight,
             max_waiting=settings.max_waiting_jobs,
+            max_queue_wait_s=settings.max_job_wait_ms / 1000.0,
             enabled=settings.step_batching,
             metrics=metrics.for_model(version.name),
         )
-        metrics.model_info.labels("generate", version.name, str(version.version), runtime.provider).set(1)
+        info = ("generate", version.name, str(version.version), runtime.provider, version.precision)
+        metrics.model_info.labels(*info).set(1)
         diffusion = DiffusionBackend(version.name, version.version, stepper, schedule)
         service.batchers.append(stepper)
         # One-shot denoiser calls over OIP (ModelInfer) get a dynamic batcher of their own.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,13 +15,36 @@ from services.core.continuous import StepBatcher
 from services.core.convert import deadline_of, tensor_message
 from services.core.deployment import ModelSlot
 from services.core.errors import InvalidInput, ModelNotFound, OutOfRange
-from services.core.images import encode_png
+from services.core.images import encode_png, off_loop
 from services.core.manifest import Manifest
 from services.generate.grid import grid_png
 from services.generate.model import DiffusionJob, DiffusionSchedule, check_count, gan_inputs, resolve_labels, timesteps
 from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
 
 DEFAULT_STEPS = 50
+# A GenerateStream whose reader falls behind keeps at most this many progress events and this many
+# preview snapshots waiting (older ones are dropped, newest kept): a client that never reads costs
+# a bounded amount of memory however many steps it asked for.
+MAX_PENDING_EVENTS = 256
+MAX_PENDING_PREVIEWS = 2
+
+
+def _check_enum(value: int, enum: object, field: str) -> None:
+    """Unknown enum numbers (a client built against another proto version, or a typo) are errors."""
+    values = enum.values()  # type: ignore[attr-defined]
+    if value not in values:
+        names = ", ".join(enum.Name(v) for v in values)  # type: ignore[attr-defined]
+        raise InvalidInput(field, f"unknown value {value} (known: {names})")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request resolved once: which generator, the labels, the seed and its random stream."""
+
+    kind: str
+    labels: np.ndarray
+    seed: int
+    rng: np.random.Generator
 
 
 @dataclass(frozen=True)
@@ -87,10 +111,11 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             )
         return job
 
-    def _prepare(self, request: generate_pb2.GenerateRequest) -> tuple[str, np.ndarray, int, np.random.Generator]:
+    def _prepare(self, request: generate_pb2.GenerateRequest) -> Prepared:
+        _check_enum(request.model, generate_pb2.GeneratorModel, "model")
+        _check_enum(request.output, generate_pb2.GenerateOutput, "output")
+        _check_enum(request.diffusion.sampler, generate_pb2.Sampler, "diffusion.sampler")
         model = request.model or generate_pb2.GENERATOR_MODEL_GAN
-        if model not in (generate_pb2.GENERATOR_MODEL_GAN, generate_pb2.GENERATOR_MODEL_DIFFUSION):
-            raise InvalidInput("model", f"unknown generator {model}")
         kind = "gan" if model == generate_pb2.GENERATOR_MODEL_GAN else "diffusion"
         backend = self.gan if kind == "gan" else self.diffusion
         if backend is None:
@@ -104,7 +129,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             assert self.diffusion is not None  # checked above
             classes = self.diffusion.schedule.num_classes
         labels = resolve_labels(list(request.labels), count, classes, rng)
-        return kind, labels, seed, rng
+        return Prepared(kind, labels, seed, rng)
 
     def _response(
         self,
@@ -126,53 +151,93 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             response.pngs.extend(encode_png(image) for image in images)
         return response
 
+    async def _gan(
+        self, request: generate_pb2.GenerateRequest, prepared: Prepared, context: aio.ServicerContext
+    ) -> generate_pb2.GenerateResponse:
+        assert self.gan is not None
+        gan = self.gan.current
+        inputs = gan_inputs(prepared.labels, gan.view.latent_dim, prepared.rng)
+        outputs = await gan.batcher.submit(inputs, deadline_of(context))
+        return await off_loop(
+            self._response,
+            request,
+            outputs[gan.view.output],
+            prepared.labels,
+            prepared.seed,
+            gan.manifest.name,
+            gan.number,
+        )
+
+    async def _diffusion_result(
+        self, request: generate_pb2.GenerateRequest, prepared: Prepared, job: DiffusionJob
+    ) -> generate_pb2.GenerateResponse:
+        assert self.diffusion is not None
+        return await off_loop(
+            self._response,
+            request,
+            job.images(),
+            prepared.labels,
+            prepared.seed,
+            self.diffusion.name,
+            self.diffusion.version,
+        )
+
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
-        kind, labels, seed, rng = self._prepare(request)
-        if kind == "gan":
-            assert self.gan is not None
-            gan = self.gan.current
-            outputs = await gan.batcher.submit(gan_inputs(labels, gan.view.latent_dim, rng), deadline_of(context))
-            return self._response(request, outputs[gan.view.output], labels, seed, gan.manifest.name, gan.number)
+        prepared = self._prepare(request)
+        if prepared.kind == "gan":
+            return await self._gan(request, prepared, context)
         assert self.diffusion is not None
-        job = self._diffusion_job(request, labels, rng)
+        job = self._diffusion_job(request, prepared.labels, prepared.rng)
         await self.diffusion.batcher.run(job, deadline_of(context))
-        return self._response(request, job.images(), labels, seed, self.diffusion.name, self.diffusion.version)
+        return await self._diffusion_result(request, prepared, job)
 
     async def GenerateStream(
         self, request: generate_pb2.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateEvent]:
-        kind, labels, seed, rng = self._prepare(request)
-        if kind == "gan":
+        prepared = self._prepare(request)
+        if prepared.kind == "gan":
             yield generate_pb2.GenerateEvent(progress=generate_pb2.GenerateProgress(step=1, total_steps=1))
-            yield generate_pb2.GenerateEvent(result=await self.Generate(request, context))
+            yield generate_pb2.GenerateEvent(result=await self._gan(request, prepared, context))
             return
         assert self.diffusion is not None
-        job = self._diffusion_job(request, labels, rng)
+        job = self._diffusion_job(request, prepared.labels, prepared.rng)
         total = len(job.steps)
         every = request.diffusion.preview_every
-        events: asyncio.Queue[generate_pb2.GenerateProgress] = asyncio.Queue()
+        # Bounded, newest-wins buffers between the sampler (which never waits for this reader) and
+        # the stream: step numbers, and x0 snapshots for previews (PNGs are made only when sent).
+        steps: deque[int] = deque(maxlen=MAX_PENDING_EVENTS)
+        previews: dict[int, np.ndarray] = {}
+        ready = asyncio.Event()
 
         def on_step() -> None:
-            progress = generate_pb2.GenerateProgress(step=job.index, total_steps=total)
+            steps.append(job.index)
             if every and (job.index % every == 0 or job.index == total) and job.x0 is not None:
-                progress.preview_png = grid_png((job.x0 + 1) / 2)
-            events.put_nowait(progress)
+                previews[job.index] = job.x0
+                while len(previews) > MAX_PENDING_PREVIEWS:
+                    del previews[min(previews)]
+            ready.set()
 
         task = asyncio.ensure_future(self.diffusion.batcher.run(job, deadline_of(context), on_step))
         try:
-            while not task.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield generate_pb2.GenerateEvent(progress=getter.result())
-                else:
-                    getter.cancel()
+            while not task.done() or steps:
+                if not steps:
+                    ready.clear()
+                    waiter = asyncio.ensure_future(ready.wait())
+                    await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                step = steps.popleft()
+                progress = generate_pb2.GenerateProgress(step=step, total_steps=total)
+                x0 = previews.pop(step, None)
+                if x0 is not None:
+                    progress.preview_png = await off_loop(grid_png, (x0 + 1) / 2)
+                yield generate_pb2.GenerateEvent(progress=progress)
             await task  # re-raises a failure of the job
         finally:
             if not task.done():
                 task.cancel()  # the client went away: the scheduler frees the job's rows before its next step
-        yield generate_pb2.GenerateEvent(
-            result=self._response(request, job.images(), labels, seed, self.diffusion.name, self.diffusion.version)
-        )
+            steps.clear()
+            previews.clear()
+        yield generate_pb2.GenerateEvent(result=await self._diffusion_result(request, prepared, job))

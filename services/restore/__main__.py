@@ -26,7 +26,7 @@ def build(settings: RestoreSettings, registry: CollectorRegistry | None = None) 
         settings,
         settings.model_name,
         metrics,
-        lambda manifest: RestorerModel(manifest, settings.max_images_per_request),
+        lambda manifest: RestorerModel(manifest, settings.max_images_per_request, settings.max_request_pixels),
         settings.model_version,
     )
     current = slot.current

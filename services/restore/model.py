@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.core.errors import InvalidInput
-from services.core.images import TensorInput, collect_images
+from services.core.images import MAX_REQUEST_PIXELS, TensorInput, collect_images
 from services.core.manifest import Manifest
 
 
@@ -21,7 +21,7 @@ class Restored:
 class RestorerModel:
     """The restore service's view of an autoencoder manifest (inputs ``image`` and optional ``mask``)."""
 
-    def __init__(self, manifest: Manifest, max_images: int) -> None:
+    def __init__(self, manifest: Manifest, max_images: int, max_pixels: int = MAX_REQUEST_PIXELS) -> None:
         names = [spec.name for spec in manifest.inputs]
         self.manifest = manifest
         self.image_input = names[0]
@@ -29,17 +29,20 @@ class RestorerModel:
         self.output_name = manifest.outputs[0].name
         self.threshold = manifest.ood.threshold if manifest.ood else float("inf")
         self.max_images = max_images
+        self.max_pixels = max_pixels
 
     def batch(
         self, images: list[bytes], tensor: TensorInput | None, masks: list[bytes], mask_tensor: TensorInput | None
     ) -> dict[str, np.ndarray]:
         """Validate a request into the model's inputs: images and (zero unless given) damage masks."""
-        x = collect_images(images, tensor, self.max_images)
+        x = collect_images(images, tensor, self.max_images, max_pixels=self.max_pixels)
         inputs = {self.image_input: x}
         if masks or mask_tensor is not None:
             if self.mask_input is None:
                 raise InvalidInput("masks", f"model {self.manifest.name} takes no mask")
-            m = collect_images(masks, mask_tensor, self.max_images, "masks", "mask_tensor", invert=False)
+            m = collect_images(
+                masks, mask_tensor, self.max_images, "masks", "mask_tensor", invert=False, max_pixels=self.max_pixels
+            )
             if len(m) != len(x):
                 raise InvalidInput("masks", f"{len(m)} masks for {len(x)} images: give one per image or none")
             inputs[self.mask_input] = (m > 0.5).astype(np.float32)
