@@ -145,8 +145,8 @@ class ModelSlot(Generic[V]):
             self.current = new  # atomic for every request that starts from now on
             self.metrics.reloads.labels(self.metrics.service, self.name, "loaded").inc()
             labels = (self.metrics.service, self.name)
-            self.metrics.model_info.remove(*labels, str(old.number), old.runtime.provider)
-            self.metrics.model_info.labels(*labels, str(new.number), new.runtime.provider).set(1)
+            self.metrics.model_info.remove(*labels, str(old.number), old.runtime.provider, old.version.precision)
+            self.metrics.model_info.labels(*labels, str(new.number), new.runtime.provider, new.version.precision).set(1)
             old.batcher.begin_drain()
             task = loop.create_task(old.batcher.stop())
             self._retiring.add(task)

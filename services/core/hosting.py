@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from services.core.batching import DynamicBatcher, Predict
@@ -9,6 +10,8 @@ from services.core.metrics import Metrics
 from services.core.repository import ModelRepository, ModelVersion
 from services.core.runtime import OnnxModel
 from services.core.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,13 @@ def load_batched_model(
     settings: ServiceSettings, name: str, metrics: Metrics, version: int | None = None, warmup_rows: int | None = None
 ) -> LoadedModel:
     """Resolve ``name`` in the repository, load and warm it, and put a batcher in front of it."""
-    resolved = ModelRepository(settings.model_repository).resolve(name, version)
+    resolved = ModelRepository(settings.model_repository).resolve(name, version, precision=settings.precision)
     runtime = OnnxModel(resolved, settings.providers, settings.threads, settings.allow_spinning)
     if settings.warmup:
         runtime.warmup(sorted({1, warmup_rows or settings.max_batch_size}))
     batcher = make_batcher(settings, runtime.predict, resolved.name, metrics)
-    metrics.model_info.labels(metrics.service, resolved.name, str(resolved.version), runtime.provider).set(1)
+    metrics.model_info.labels(
+        metrics.service, resolved.name, str(resolved.version), runtime.provider, resolved.precision
+    ).set(1)
+    log.info("serving %s/%d in %s on %s", resolved.name, resolved.version, resolved.precision, runtime.provider)
     return LoadedModel(resolved, runtime, batcher)

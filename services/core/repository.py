@@ -2,6 +2,12 @@
 
 Versions are positive integers; the highest is served unless one is configured. A version is
 usable only when its manifest parses and the ONNX file's sha256 matches the manifest.
+
+A version may ship precision variants beside its fp32 files: ``manifest.int8.json`` describes
+``model.int8.onnx`` (a quantized copy of the same model, with its own checksum and parity
+figures). A variant is not a version of its own, so the version numbering, hot reload and
+``model_version`` pinning work the same for every precision; the ``precision`` setting picks
+which manifest of the chosen version is read.
 """
 
 from __future__ import annotations
@@ -16,7 +22,19 @@ from pydantic import ValidationError
 from services.core.errors import ModelLoadError, ModelNotFound
 from services.core.manifest import MANIFEST_FILE, Manifest
 
+DEFAULT_PRECISION = "fp32"
+
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_PRECISION = re.compile(r"^[a-z0-9]{1,16}$")
+
+
+def manifest_file(precision: str = DEFAULT_PRECISION) -> str:
+    """The manifest's file name for ``precision``: ``manifest.json`` for fp32, ``manifest.<precision>.json`` else."""
+    if precision == DEFAULT_PRECISION:
+        return MANIFEST_FILE
+    if not _PRECISION.match(precision):
+        raise ModelNotFound(f"precision {precision!r} is not valid (lowercase letters and digits)")
+    return f"manifest.{precision}.json"
 
 
 def _sha256(path: Path) -> str:
@@ -39,6 +57,10 @@ class ModelVersion:
     @property
     def onnx_path(self) -> Path:
         return self.directory / self.manifest.file
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
 
 
 class ModelRepository:
@@ -68,11 +90,21 @@ class ModelRepository:
             p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name) and self.versions(p.name)
         )
 
-    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
-        """Load and verify ``name`` at ``version`` (default: the highest present).
+    def precisions(self, name: str, version: int) -> list[str]:
+        """Precisions whose manifest is present in ``name``/``version`` (unverified), fp32 first."""
+        directory = self._model_dir(name) / str(version)
+        found = [DEFAULT_PRECISION] if (directory / MANIFEST_FILE).is_file() else []
+        for path in sorted(directory.glob("manifest.*.json")):
+            precision = path.name[len("manifest.") : -len(".json")]
+            if _PRECISION.match(precision) and precision != DEFAULT_PRECISION:
+                found.append(precision)
+        return found
 
-        Raises ModelNotFound when the model or version is absent and ModelLoadError when it is
-        present but unusable; both messages name the file at fault.
+    def resolve(self, name: str, version: int | None = None, precision: str = DEFAULT_PRECISION) -> ModelVersion:
+        """Load and verify ``name`` at ``version`` (default: the highest present) in ``precision``.
+
+        Raises ModelNotFound when the model, version or precision variant is absent and
+        ModelLoadError when it is present but unusable; both messages name the file at fault.
         """
         available = self.versions(name)
         if not available:
@@ -81,10 +113,15 @@ class ModelRepository:
         if chosen not in available:
             raise ModelNotFound(f"model {name!r} has no version {chosen} in {self.root} (versions: {available})")
         directory = self._model_dir(name) / str(chosen)
-        manifest_path = directory / MANIFEST_FILE
+        manifest_path = directory / manifest_file(precision)
         try:
             manifest = Manifest.read(manifest_path)
         except FileNotFoundError:
+            if precision != DEFAULT_PRECISION and (directory / MANIFEST_FILE).is_file():
+                raise ModelNotFound(
+                    f"model {name!r} version {chosen} has no {precision} variant ({manifest_path} missing; "
+                    f"precisions: {self.precisions(name, chosen)})"
+                ) from None
             raise ModelLoadError(f"{manifest_path}: manifest missing") from None
         except (ValidationError, ValueError) as exc:
             raise ModelLoadError(f"{manifest_path}: invalid manifest: {exc}") from None
@@ -92,6 +129,8 @@ class ModelRepository:
             raise ModelLoadError(
                 f"{manifest_path}: manifest says {manifest.name}/{manifest.version}, directory is {name}/{chosen}"
             )
+        if manifest.precision != precision:
+            raise ModelLoadError(f"{manifest_path}: manifest says precision {manifest.precision}, expected {precision}")
         onnx_path = directory / manifest.file
         if onnx_path.parent != directory:
             raise ModelLoadError(f"{manifest_path}: file {manifest.file!r} must be inside the version directory")
