@@ -47,6 +47,21 @@ def make_slow_classifier(repository: Path, layers: int = 200) -> None:
     save_classifier(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), repository)
 
 
+def settled_stats(pid: int, samples: int = 5, interval: float = 0.2) -> dict[str, int]:
+    """The least of each figure over a few samples: a descriptor or thread that exists for an
+    instant (a connection being closed, a pool thread retiring) is not a leak."""
+    taken = []
+    for _ in range(samples):
+        taken.append(proc_stats(pid))
+        time.sleep(interval)
+    return {key: min(s[key] for s in taken) for key in taken[0]}
+
+
+# A leak grows with the request count (here 100,000 requests); a handful of descriptors or threads
+# that come and go with the machine's load does not.
+FD_THREAD_TOLERANCE = 4
+
+
 def proc_stats(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -107,20 +122,25 @@ def test_soak_100k_requests_without_growth(tiny_repository: Path, tmp_path: Path
     server = start_service("services.classify", tiny_repository, tmp_path)
     try:
         run_load(load_args(server.address, concurrency=32, requests=10_000, duration=120, warmup=0))
-        warm = proc_stats(server.proc.pid)
+        warm = settled_stats(server.proc.pid)
         report = run_load(load_args(server.address, concurrency=32, requests=100_000, duration=600, warmup=0))
-        end = proc_stats(server.proc.pid)
+        end = settled_stats(server.proc.pid)
         growth = (end["rss_kb"] - warm["rss_kb"]) / warm["rss_kb"]
         print(json.dumps({"soak": report, "warm": warm, "end": end, "rss_growth": round(growth, 4)}, indent=2))
         assert report["ok"] == 100_000 and report["errors"] == {}
         assert growth < 0.10, f"RSS grew {growth:.1%} over 100k requests"
-        assert end["fds"] <= warm["fds"] and end["threads"] <= warm["threads"]
+        assert end["fds"] <= warm["fds"] + FD_THREAD_TOLERANCE, (warm, end)
+        assert end["threads"] <= warm["threads"] + FD_THREAD_TOLERANCE, (warm, end)
     finally:
         assert server.stop() == 0
 
 
-async def _load_while(address: str, action, seconds: float, options=None) -> tuple[int, dict[str, int]]:  # type: ignore[no-untyped-def]
-    """Closed-loop load for ``seconds``, running ``action`` halfway; returns (ok, other codes)."""
+async def _load_while(  # type: ignore[no-untyped-def]
+    address: str, action, seconds: float, options=None, callers: int = 16, pause: float = 0.01
+) -> tuple[int, dict[str, int]]:
+    """Closed-loop load for ``seconds``, running ``action`` halfway; returns (ok, other codes).
+
+    A caller that gets an error waits ``pause`` before its next call."""
     codes: dict[str, int] = {}
     ok = 0
     stop = time.monotonic() + seconds
@@ -135,13 +155,13 @@ async def _load_while(address: str, action, seconds: float, options=None) -> tup
                     ok += 1
                 except grpc.aio.AioRpcError as exc:
                     codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(pause)
 
         async def act() -> None:
             await asyncio.sleep(seconds / 2)
             action()
 
-        await asyncio.gather(act(), *(caller() for _ in range(16)))
+        await asyncio.gather(act(), *(caller() for _ in range(callers)))
     return ok, codes
 
 
@@ -153,17 +173,19 @@ def test_sigterm_under_load_completes_every_accepted_request(tiny_repository: Pa
         started.append(time.monotonic())
         server.proc.send_signal(signal.SIGTERM)
 
-    ok, codes = asyncio.run(_load_while(server.address, terminate, 2.0))
+    # 64 callers that retry after 1 ms: nearly every caller has a call in transit at any moment.
+    # Before calls refused while draining were held until the close, gRPC cancelled ~60 of them
+    # (CANCELLED) at the close: they had reached its core but not yet the application.
+    ok, codes = asyncio.run(_load_while(server.address, terminate, 2.0, callers=64, pause=0.001))
     assert server.proc.wait(timeout=15) == 0
     assert ok > 100
     # The server's own count at exit: every call that reached it either completed or was refused
-    # with UNAVAILABLE; none was cut off. Calls racing the closing listener never reached it; the
-    # client sees those as UNAVAILABLE or CANCELLED from its transport.
+    # with UNAVAILABLE; none was cut off. And every caller saw OK or UNAVAILABLE, nothing else.
     line = next(x for x in server.log().splitlines() if "stopped; calls by method and code:" in x)
     served = json.loads(line.split("calls by method and code: ", 1)[1])["nnserve.v1.ClassifyService/Classify"]
     assert set(served) <= {"OK", "UNAVAILABLE"}, served
     assert served["OK"] == ok, (served, ok)
-    assert set(codes) <= {"UNAVAILABLE", "CANCELLED"}, codes
+    assert set(codes) <= {"UNAVAILABLE"}, codes
 
 
 def test_rolling_restart_behind_round_robin_loses_no_request(tiny_repository: Path, tmp_path: Path) -> None:

@@ -53,6 +53,9 @@ _STATUS: dict[type[errors.NnserveError], grpc.StatusCode] = {
 # messages would turn the reply into RESOURCE_EXHAUSTED. Echoed input is shortened where it is
 # formatted (errors.shorten); this is the last line of defence.
 MAX_MESSAGE_CHARS = 2000
+# For this long before the listener closes, calls refused while draining wait for the close to be
+# answered (see ServerInterceptor.refuse).
+HOLD_BEFORE_CLOSE_S = 0.2
 # Label value for calls to methods no servicer registered: one series, whatever the path.
 UNKNOWN_METHOD = "unknown"
 
@@ -84,6 +87,10 @@ class ServerInterceptor(aio.ServerInterceptor):
         # Set at shutdown: new calls are refused with UNAVAILABLE (health still answers) while
         # in-flight ones finish, so clients move to another replica before the listener closes.
         self.draining = False
+        # Set for the last moments before the listener closes: refused calls are held, and answered
+        # UNAVAILABLE only once the close has begun (see GrpcServer.stop).
+        self.holding = False
+        self._closing = asyncio.Event()
         # Wrapped handlers of registered methods only: a cache keyed by whatever path a client
         # sends would grow without bound.
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -105,6 +112,27 @@ class ServerInterceptor(aio.ServerInterceptor):
         wrapped = self._wrap(method.lstrip("/"), handler)
         self._handlers[method] = wrapped
         return wrapped
+
+    async def refuse(self, context: aio.ServicerContext) -> None:
+        """Answer a call that arrived while draining with UNAVAILABLE (raises).
+
+        Close to the close, the answer waits for it: gRPC cancels (CANCELLED, not UNAVAILABLE) every
+        call that reached it but not yet the application when the server shuts down, so a client
+        must not have a call in transit at that moment. A closed-loop client whose call is held
+        here has none; it gets UNAVAILABLE during the grace period and reconnects elsewhere.
+        """
+        if self.holding and not self._closing.is_set():
+            remaining = context.time_remaining()
+            wait = None if remaining is None else max(0.0, remaining - DEADLINE_SLACK_S)
+            try:
+                await asyncio.wait_for(self._closing.wait(), wait)
+            except TimeoutError:
+                pass
+        raise errors.Unavailable("server is shutting down; retry on another replica")
+
+    def closing(self) -> None:
+        """The listener is closing: release held calls."""
+        self._closing.set()
 
     async def _unknown_method(self, request: Any, context: aio.ServicerContext) -> Any:
         """A method no servicer registered: authenticate first, so paths cannot be probed without a token."""
@@ -180,7 +208,7 @@ class ServerInterceptor(aio.ServerInterceptor):
                 code = "OK"
                 try:
                     if refuse_when_draining and state.draining:
-                        raise errors.Unavailable("server is shutting down; retry on another replica")
+                        await state.refuse(context)
                     if needs_auth and not authorized(context):
                         raise errors.Unauthenticated("missing or invalid bearer token")
                     return await inner_uu(parse(request), context)
@@ -210,7 +238,7 @@ class ServerInterceptor(aio.ServerInterceptor):
                 code = "OK"
                 try:
                     if refuse_when_draining and state.draining:
-                        raise errors.Unavailable("server is shutting down; retry on another replica")
+                        await state.refuse(context)
                     if needs_auth and not authorized(context):
                         raise errors.Unauthenticated("missing or invalid bearer token")
                     result = inner_s(request if streaming_request else parse(request), context)
@@ -350,9 +378,17 @@ class GrpcServer:
         self.interceptor.draining = True
         for batcher in self.service.batchers:
             batcher.begin_drain()
-        if self.settings.shutdown_delay_s:
-            await asyncio.sleep(self.settings.shutdown_delay_s)
-        await self.server.stop(grace)
+        delay = self.settings.shutdown_delay_s
+        hold = min(HOLD_BEFORE_CLOSE_S, delay)
+        if delay - hold > 0:
+            await asyncio.sleep(delay - hold)
+        self.interceptor.holding = True
+        if hold:
+            await asyncio.sleep(hold)
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.sleep(0)  # the close (GOAWAY, listener) has begun once stop() first yields
+        self.interceptor.closing()
+        await stopping
         for batcher in self.service.batchers:
             await batcher.stop()
 
