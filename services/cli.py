@@ -61,6 +61,8 @@ SERVICES = {
         ("gan_generator", "diffusion_denoiser"),
         "nnserve generate --address {address} --model gan --label 3 --count 16 --out grid.png",
     ),
+    # The web console needs no models: it calls the three services above.
+    "console": ServiceSpec("console", "services.console", 8080, 9104, (), "open http://{address}/ in a browser"),
 }
 OPTIONAL_MODEL_FLAGS = {"gan_generator": "--gan-model=", "diffusion_denoiser": "--diffusion-model="}
 
@@ -190,10 +192,15 @@ def _up(args: argparse.Namespace) -> int:
     children: list[tuple[ServiceSpec, subprocess.Popen[bytes], Path]] = []
     for spec in wanted:
         missing = [m for m in spec.models if m not in present]
-        if len(missing) == len(spec.models) or (missing and spec.name != "generate"):
+        if spec.models and (len(missing) == len(spec.models) or (missing and spec.name != "generate")):
             print(f"skipping {spec.name}: no {', '.join(missing)} in {repository.root}", file=sys.stderr)
             continue
-        disable = [OPTIONAL_MODEL_FLAGS[m] for m in missing]
+        extra = [OPTIONAL_MODEL_FLAGS[m] for m in missing]
+        if spec.models:
+            extra = ["--model-repository", str(repository.root), *extra]
+        else:  # the console: point it at the services' ports (from the host when they bind every address)
+            near = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            extra = [f"--{s.name}-target={near}:{s.port + args.port_offset}" for s in SERVICES.values() if s.models]
         port_file = state / f"{spec.name}.json"
         command = [
             sys.executable,
@@ -207,11 +214,9 @@ def _up(args: argparse.Namespace) -> int:
             str(spec.metrics_port + args.port_offset),
             "--metrics-host",
             args.host,
-            "--model-repository",
-            str(repository.root),
             "--port-file",
             str(port_file),
-            *disable,
+            *extra,
         ]
         children.append((spec, subprocess.Popen(command), port_file))
     if not children:
@@ -240,7 +245,9 @@ def _up(args: argparse.Namespace) -> int:
         address = f"{args.host}:{info['port']}"
         metrics = f"http://{args.host}:{info['metrics_port']}/metrics" if info["metrics_port"] else "off"
         models = ", ".join(f"{k}/{v}" for k, v in info["models"].items())
-        print(f"  {spec.name:<9} grpc {address:<16} metrics {metrics:<32} models {models}")
+        where = f"grpc {address:<16}" if spec.models else f"web  http://{address}/"
+        served = f" models {models}" if spec.models else ""
+        print(f"  {spec.name:<9} {where} metrics {metrics:<32}{served}")
         print(f"  {'':<9} try: {spec.example.format(address=address)}")
     print("\nhealth: nnserve health ADDRESS    stop: Ctrl-C\n", flush=True)
     codes = [child.wait() for _, child, _ in children]
