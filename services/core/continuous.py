@@ -40,6 +40,7 @@ from services.core.metrics import ModelMetrics
 log = logging.getLogger(__name__)
 
 Predict = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+ADMISSION_HEADROOM = 1.25
 
 
 class IterativeJob(Protocol):
@@ -173,7 +174,8 @@ class StepBatcher:
         if not self.seconds_per_row:
             return  # no measurement yet
         rows = self._rows_in_flight + sum(e.job.rows for e in self._waiting) + job.rows
-        round_s = rows * self.seconds_per_row
+        # Headroom over the estimate: per-step overhead and a moving measurement.
+        round_s = rows * self.seconds_per_row * ADMISSION_HEADROOM
         if deadline is not None:
             alone = _remaining_calls(job) * job.rows * self.seconds_per_row
             if now + alone > deadline:

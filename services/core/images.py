@@ -23,6 +23,9 @@ from services.core.settings import available_cpus
 SIZE = 28
 # Refuse decompression bombs early: far above any sensible input, far below what exhausts memory.
 MAX_PIXELS = 40_000_000
+# Longest side accepted. Pillow keeps a pointer and an allocation per row, so a 1 x 40M strip costs
+# ~700 MB to decode however few pixels it has; no sensible input for a 28x28 model is that long.
+MAX_SIDE = 16_384
 # Default cap on the pixels one request may ask us to decode, summed over its images.
 MAX_REQUEST_PIXELS = 64_000_000
 # Images are scaled down to at most this side before padding and the final Lanczos resize, so
@@ -79,6 +82,8 @@ def decode_image(data: bytes, field: str, size: int = SIZE, invert_light_backgro
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise InvalidInput(field, f"image is {width}x{height}, over the limit of {MAX_PIXELS} pixels")
+            if max(width, height) > MAX_SIDE:
+                raise InvalidInput(field, f"image is {width}x{height}, a side over the limit of {MAX_SIDE} pixels")
             if image.format == "JPEG":
                 # Let the JPEG decoder scale by 1/2..1/8 while decoding: far less memory and time.
                 image.draft("L", (_WORK_SIDE, _WORK_SIDE))
@@ -87,7 +92,8 @@ def decode_image(data: bytes, field: str, size: int = SIZE, invert_light_backgro
                 # Composite transparent images onto white, as they are usually displayed.
                 white = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(white, image.convert("RGBA"))
-            image = image.convert("L")
+            if image.mode != "L":
+                image = image.convert("L")
             if max(image.size) > _WORK_SIDE:
                 image = _shrink(image)
             gray = np.asarray(image, dtype=np.float32) / 255.0
