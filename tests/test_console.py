@@ -516,3 +516,42 @@ def test_bad_setting_exits_with_a_message() -> None:
         [sys.executable, "-m", "services.console", "--port", "99999"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2 and "port" in result.stderr
+
+
+def test_up_starts_the_console_next_to_the_services(tiny_repository: Path) -> None:
+    """`nnserve up` starts the console too, pointed at the services it started, and prints its address."""
+    import random
+    import socket
+
+    from services.cli import SERVICES
+
+    ports = [p for spec in SERVICES.values() for p in (spec.port, spec.metrics_port)]
+    for _ in range(100):
+        offset = random.randint(-9000, 10000)
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + offset))
+            break
+        except OSError:
+            continue
+    command = [
+        sys.executable, "-m", "services.cli", "up", "--model-repository", str(tiny_repository),
+        "--port-offset", str(offset), "--only", "classify", "console",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines = []
+    while not lines or ("stop: Ctrl-C" not in lines[-1] and lines[-1]):
+        lines.append(proc.stdout.readline())
+    text = "".join(lines)
+    try:
+        url = f"http://127.0.0.1:{8080 + offset}/"
+        assert f"console   web  {url}" in text, text
+        assert HTTP.request("GET", url).status == 200
+        status, body = get_json(url + "api/status")
+        health = {s["name"]: s["health"] for s in body["services"]}
+        assert health["classify"] == "SERVING" and health["restore"] == "UNAVAILABLE", body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, text

@@ -139,7 +139,7 @@ function wireDrop(label, input, onFile) {
   });
 }
 
-// Freehand strokes on a canvas (mouse, pen or touch). `draw(ctx...)` gets each segment.
+// Freehand strokes on a canvas (mouse, pen or touch), drawn on every context in `contexts`.
 function wirePainter(canvas, contexts, width) {
   let last = null;
   const point = (e) => {
@@ -345,6 +345,7 @@ async function generateStream(body) {
   const figure = $("generate-preview");
   live.hidden = false;
   figure.hidden = true;
+  figure.dataset.previews = 0;
   $("generate-result").hidden = true;
   $("generate-progress").textContent = "starting…";
   $("generate-progress").dataset.step = 0;
@@ -366,9 +367,13 @@ async function generateStream(body) {
         if (data.preview) {
           $("generate-preview-img").src = data.preview;
           $("generate-preview-caption").textContent = `predicted x0 at step ${data.step}`;
+          figure.dataset.previews = Number(figure.dataset.previews) + 1;
           figure.hidden = false;
         }
-      } else if (event === "result") showGrid(data);
+      } else if (event === "result") {
+        figure.hidden = true; // the last preview is the result
+        showGrid(data);
+      }
       else if (event === "stopped") $("generate-progress").textContent += " · stopped";
       else if (event === "error") failure = data.error;
     });
@@ -392,6 +397,7 @@ function setupGenerate() {
   toggle();
   $("generate-run").addEventListener("click", () => run("generate", async () => {
     $("generate-run").disabled = true;
+    $("generate-empty").hidden = true;
     try {
       const body = generateBody();
       if (body.model === "diffusion") await generateStream(body);
