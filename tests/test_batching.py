@@ -23,7 +23,9 @@ from tests.helpers import metric_value
 def test_a_failing_batch_is_isolated_so_only_the_poisoned_request_fails(tiny_repository: Path) -> None:
     """A merged batch holding a poisoned row is re-run request by request: the valid requests
     merged with it succeed, only the culprit gets INTERNAL, and the isolation is counted."""
-    settings = ClassifySettings(model_repository=tiny_repository, port=0, metrics_port=None, max_delay_ms=300)
+    settings = ClassifySettings(
+        model_repository=tiny_repository, port=0, metrics_port=None, max_delay_ms=300, inline_max_rows=0
+    )
     registry = CollectorRegistry()
     service = build(settings, registry)
     batcher = service.slots[0].current.batcher

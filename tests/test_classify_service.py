@@ -216,7 +216,31 @@ async def _concurrent_classify(address: str, n: int, timeout: float = 30.0) -> l
         return await asyncio.gather(*calls, return_exceptions=True)
 
 
-def test_concurrent_callers_are_batched_and_counted(classify_server: ServiceProcess) -> None:
+def test_concurrent_callers_are_batched_and_counted(tiny_repository: Path, tmp_path: Path) -> None:
+    # Small requests that find the model idle run inline; here every request queues, to batch.
+    classify_server = start_service("services.classify", tiny_repository, tmp_path, "--inline-max-rows", "0")
+    try:
+        _check_batched(classify_server)
+    finally:
+        assert classify_server.stop() == 0
+
+
+def test_small_requests_on_an_idle_model_run_inline_without_queueing(classify_server: ServiceProcess) -> None:
+    before = classify_server.metrics_text()
+    with ClassifyClient(classify_server.address) as client:
+        for _ in range(5):
+            assert len(client.classify(tensor=sample_images(2)).classifications) == 2
+    after = classify_server.metrics_text()
+
+    def delta(name: str) -> float:
+        return metric_value(after, name) - metric_value(before, name)
+
+    assert delta("nnserve_model_executions_total") == 5 and delta("nnserve_model_inference_rows_total") == 10
+    assert delta("nnserve_batch_queue_wait_seconds_count") == 5
+    assert delta("nnserve_batch_queue_wait_seconds_sum") == 0.0  # never queued
+
+
+def _check_batched(classify_server: ServiceProcess) -> None:
     before = classify_server.metrics_text()
     results = asyncio.run(_concurrent_classify(classify_server.address, 64))
     assert all(isinstance(r, classify_pb2.ClassifyResponse) for r in results), results

@@ -17,6 +17,10 @@ any waiting.
   ``InvalidInput`` when onnxruntime refused its values and ``InferenceFailed`` otherwise (the
   isolations are counted in ``nnserve_batch_isolations_total``). The worker goes on.
 - A request larger than ``max_batch_size`` runs alone, in one call.
+- A small request (at most ``inline_max_rows`` rows) that finds the model idle (nothing queued,
+  no batch running) runs at once on the event loop: no thread hand-off and no wake-ups, which
+  on CPU is most of a small model's serving overhead. Requests that meet contention queue and
+  batch as above, so batches still form under load where they pay (GPUs).
 """
 
 from __future__ import annotations
@@ -102,8 +106,11 @@ class DynamicBatcher:
         max_queue_wait_s: float = 0.0,
         enabled: bool = True,
         metrics: ModelMetrics | None = None,
+        inline_max_rows: int = 0,
     ) -> None:
         self._predict = predict
+        self.inline_max_rows = inline_max_rows
+        self._executing = False  # a batch is running in the executor
         self.name = name
         self.max_batch_size = max_batch_size if enabled else 1
         self.max_delay_s = max_delay_s if enabled else 0.0
@@ -174,6 +181,8 @@ class DynamicBatcher:
                     f"(max_queue_wait_ms={self.max_queue_wait_s * 1000:.0f}); retry later"
                 )
         rows = len(next(iter(inputs.values())))
+        if rows <= self.inline_max_rows and not self._executing and not self._queue:
+            return self._run_inline(inputs, rows, deadline)
         request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
         self._queue.append(request)
         self._waiting += 1
@@ -181,6 +190,60 @@ class DynamicBatcher:
             self._metrics.queue_depth.inc()
         self._wakeup.set()
         return await request.future
+
+    def _run_inline(self, inputs: Arrays, rows: int, deadline: float | None) -> dict[str, np.ndarray]:
+        """Run one small request now, on the calling (event loop) thread; the model is idle."""
+        started = time.perf_counter()
+        stats = self.stats
+        m = self._metrics
+        if deadline is not None and started >= deadline:
+            self.stats.fail_count += 1
+            if m:
+                m.deadline.inc()
+            raise DeadlineExpired("deadline expired before inference")
+        self._executing = True
+        try:
+            outputs = self._predict(inputs)
+        except Exception as exc:
+            if m:
+                m.failures.inc()
+            failure = failure_for(exc, self.name)
+            if isinstance(failure, InferenceFailed):
+                log.error("model %s failed on a request of %d rows", self.name, rows, exc_info=exc)
+            stats.fail_count += 1
+            stats.fail_ns += int((time.perf_counter() - started) * 1e9)
+            raise failure from None
+        finally:
+            self._executing = False
+        finished = time.perf_counter()
+        self._account(rows, 1, started, finished, [started])
+        if m:
+            m.queue_wait.observe(0.0)
+        stats.queue_count += 1
+        return outputs
+
+    def _account(self, rows: int, requests: int, started: float, finished: float, enqueued: list[float]) -> None:
+        """Statistics and metrics of one successful model call (batch statistics in one place)."""
+        stats = self.stats
+        compute_ns = int((finished - started) * 1e9)
+        stats.compute_count += 1
+        stats.compute_ns += compute_ns
+        stats.rows += rows
+        stats.batches += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        per_size = stats.by_batch_size.get(rows)
+        if per_size is None:
+            per_size = stats.by_batch_size[rows] = [0, 0]
+        per_size[0] += 1
+        per_size[1] += compute_ns
+        stats.success_count += requests
+        stats.success_ns += sum(int((finished - t) * 1e9) for t in enqueued)
+        m = self._metrics
+        if m:
+            m.inference_duration.observe(finished - started)
+            m.batch_size.observe(rows)
+            m.rows.inc(rows)
+            m.batches.inc()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -264,11 +327,12 @@ class DynamicBatcher:
             inputs = {k: np.concatenate([r.inputs[k] for r in batch]) for k in batch[0].inputs}
         rows = sum(r.rows for r in batch)
         m = self._metrics
-        stats = self.stats
         started = time.perf_counter()
+        self._executing = True
         try:
             outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
         except Exception as exc:
+            self._executing = False
             if m:
                 m.failures.inc()
             if len(batch) > 1:
@@ -293,23 +357,9 @@ class DynamicBatcher:
             if not request.future.done():
                 request.future.set_exception(failure)
             return
+        self._executing = False
         finished = time.perf_counter()
-        compute_ns = int((finished - started) * 1e9)
-        stats.compute_count += 1
-        stats.compute_ns += compute_ns
-        stats.rows += rows
-        stats.batches += 1
-        stats.last_inference_ms = int(time.time() * 1000)
-        per_size = stats.by_batch_size.setdefault(rows, [0, 0])
-        per_size[0] += 1
-        per_size[1] += compute_ns
-        stats.success_count += len(batch)
-        stats.success_ns += sum(int((finished - r.enqueued) * 1e9) for r in batch)
-        if m:
-            m.inference_duration.observe(finished - started)
-            m.batch_size.observe(rows)
-            m.rows.inc(rows)
-            m.batches.inc()
+        self._account(rows, len(batch), started, finished, [r.enqueued for r in batch])
         if len(batch) == 1:
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)

@@ -23,8 +23,16 @@ class LoadedModel:
     batcher: DynamicBatcher
 
 
-def make_batcher(settings: ServiceSettings, predict: Predict, name: str, metrics: Metrics) -> DynamicBatcher:
-    """A dynamic batcher over ``predict`` configured from the service's settings."""
+def make_batcher(
+    settings: ServiceSettings, predict: Predict, name: str, metrics: Metrics, provider: str = "CPUExecutionProvider"
+) -> DynamicBatcher:
+    """A dynamic batcher over ``predict`` configured from the service's settings.
+
+    Small requests run inline when the model is idle only on the CPU provider and without a
+    batching delay: there a row costs the same in any batch, so merging buys nothing and the
+    thread hand-off is pure overhead; on a GPU, or when a delay asks for company, they queue.
+    """
+    inline = settings.batching and settings.max_delay_ms == 0 and provider == "CPUExecutionProvider"
     return DynamicBatcher(
         predict,
         name=name,
@@ -34,6 +42,7 @@ def make_batcher(settings: ServiceSettings, predict: Predict, name: str, metrics
         max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         enabled=settings.batching,
         metrics=metrics.for_model(name),
+        inline_max_rows=settings.inline_max_rows if inline else 0,
     )
 
 
@@ -45,7 +54,7 @@ def load_batched_model(
     runtime = OnnxModel(resolved, settings.providers, settings.threads, settings.allow_spinning)
     if settings.warmup:
         runtime.warmup(sorted({1, warmup_rows or settings.max_batch_size}))
-    batcher = make_batcher(settings, runtime.predict, resolved.name, metrics)
+    batcher = make_batcher(settings, runtime.predict, resolved.name, metrics, runtime.provider)
     metrics.model_info.labels(
         metrics.service, resolved.name, str(resolved.version), runtime.provider, resolved.precision
     ).set(1)

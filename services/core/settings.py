@@ -68,6 +68,12 @@ class ServiceSettings(BaseSettings):
         250.0, ge=0.0, description="Refuse new requests while the oldest queued one has waited this long (0: off)."
     )
     batching: bool = Field(True, description="Merge concurrent requests; off runs each request alone.")
+    inline_max_rows: int = Field(
+        8,
+        ge=0,
+        description="A request of at most this many rows that finds its model idle runs at once on the event "
+        "loop, without a thread hand-off (0: always queue). Requests that meet contention still batch.",
+    )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message in or out.")
     shutdown_delay_s: float = Field(
         0.5, ge=0.0, description="On SIGTERM, refuse new calls (UNAVAILABLE) this long before closing the listener."

@@ -63,7 +63,7 @@ def build(settings: GenerateSettings, registry: CollectorRegistry | None = None)
         diffusion = DiffusionBackend(version.name, version.version, stepper, schedule)
         service.batchers.append(stepper)
         # One-shot denoiser calls over OIP (ModelInfer) get a dynamic batcher of their own.
-        one_shot = make_batcher(settings, runtime.predict, version.name, metrics)
+        one_shot = make_batcher(settings, runtime.predict, version.name, metrics, runtime.provider)
         service.batchers.append(one_shot)
         hosted.append(oip.HostedModel(StaticSlot(Deployment(version, runtime, one_shot, None))))
     if gan is None and diffusion is None:
