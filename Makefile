@@ -84,5 +84,11 @@ e2e-docker: $(VENV)/.installed-all
 images: $(VENV)/.installed-all
 	$(BIN)/python scripts/readme_examples.py
 
+# The web console's README screenshots (docs/images/console_*.png), taken by its browser test
+# through the real page on the shipped models (about 30 s).
+.PHONY: screenshots
+screenshots: system-deps $(VENV)/.installed-all
+	NNSERVE_CONSOLE_SCREENSHOTS=docs/images $(BIN)/python -m pytest tests/test_console_browser.py -q
+
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs: the Fashion-MNIST IDX files, promtool for metric checks,
-# libb64 for Triton's perf_analyzer, and docker-compose to validate compose.yaml.
+# libb64 for Triton's perf_analyzer, docker-compose to validate compose.yaml, and chromium with its
+# driver and a font for the web console's browser test.
 # Installs only what is missing; needs root (or sudo).
 set -euo pipefail
 need=()
@@ -8,6 +9,9 @@ need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 ldconfig -p 2>/dev/null | grep -q libb64.so.0d || need+=(libb64-0d)  # perf_analyzer
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # validates compose.yaml
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # tests/test_console_browser.py
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)  # legible screenshots
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -555,3 +555,15 @@ def test_up_starts_the_console_next_to_the_services(tiny_repository: Path) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, text
+
+
+def test_compose_runs_the_console_from_the_serving_image() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    console = compose["services"]["console"]
+    assert console["image"] == compose["services"]["classify"]["image"] and console["command"] == ["console"]
+    env = console["environment"]
+    for name, port in (("classify", 50051), ("restore", 50052), ("generate", 50053)):
+        assert env[f"NNSERVE_CONSOLE_{name.upper()}_TARGET"] == f"dns:///{name}:{port}"  # every replica
+    assert "/healthz" in " ".join(console["healthcheck"]["test"]) and console["read_only"]
