@@ -177,13 +177,157 @@ def generative_metrics(
     return metrics
 
 
+def diffusion_samples(
+    model_dir: Path,
+    labels: np.ndarray,
+    method: str,
+    steps: int,
+    guidance: float,
+    seed: int,
+    spacing: str | None = None,
+    batch: int = 500,
+) -> np.ndarray:
+    """Samples in [0,1] from the exported denoiser through the reference sampler, seeded as the model card's.
+
+    Chunks of ``batch`` labels share one torch generator seeded with ``seed``, as
+    ``training.train_diffusion.generate`` draws them, so every sampler starts from the same x_T
+    as the card's DDIM-50 figures.
+    """
+    import torch
+
+    from services.core.manifest import Manifest
+    from training.diffusion import sampler
+    from training.train_diffusion import OnnxDenoiser
+
+    manifest = Manifest.read(model_dir / "manifest.json")
+    alphas_cumprod = np.asarray(manifest.extra["alphas_cumprod"])
+    denoiser = OnnxDenoiser(model_dir / manifest.file)
+    g = torch.Generator().manual_seed(seed)
+    null_class = int(manifest.extra["null_class"])
+    out = []
+    for s in range(0, len(labels), batch):
+        y = torch.from_numpy(labels[s : s + batch])
+        out.append(
+            sampler.sample(
+                denoiser, y, alphas_cumprod, steps, null_class, guidance, 0.0, g, method=method, spacing=spacing
+            ).numpy()
+        )
+    return np.concatenate(out)
+
+
+def sampler_quality(
+    model_dir: Path,
+    classifier: Path,
+    method: str,
+    steps: int,
+    samples: int = 2000,
+    seed: int | None = None,
+    guidance: float | None = None,
+    spacing: str | None = None,
+    splits: tuple[Split, Split] | None = None,
+) -> dict[str, Any]:
+    """Class consistency and domain FID of ``samples`` images (``samples // 10`` per class) from one sampler.
+
+    Seed and guidance default to those of the model card's evaluation.
+    """
+    from services.core.manifest import Manifest
+
+    manifest = Manifest.read(model_dir / "manifest.json")
+    seed = manifest.training.seed if seed is None and manifest.training else (seed or 0)
+    guidance = float(manifest.metrics.get("guidance_scale", 2.0)) if guidance is None else guidance
+    labels = np.repeat(np.arange(10), samples // 10).astype(np.int64)
+    images = diffusion_samples(model_dir, labels, method, steps, guidance, seed, spacing)
+    train, test = splits or (load_split("train"), load_split("test"))
+    metrics = generative_metrics(images, labels, classifier, train, test)
+    metrics.update(sampler=method, steps=steps, guidance_scale=guidance, seed=seed, spacing=spacing or "default")
+    return metrics
+
+
+def compare_outputs(reference: np.ndarray, other: np.ndarray, argmax: bool = False) -> dict[str, Any]:
+    """How far ``other`` (say, an int8 model's output) is from ``reference`` (the fp32 model's)."""
+    diff = np.abs(other.astype(np.float64) - reference)
+    report: dict[str, Any] = {
+        "max_abs_diff": float(f"{diff.max():.4g}"),
+        "mean_abs_diff": float(f"{diff.mean():.4g}"),
+        "rows": int(len(reference)),
+    }
+    if argmax:
+        report["argmax_agreement"] = round(float((other.argmax(1) == reference.argmax(1)).mean()), 4)
+    return report
+
+
+def inference_ms(path: Path, inputs: dict[str, np.ndarray], seconds: float = 3.0, threads: int = 1) -> float:
+    """Milliseconds per call of ``path`` on ``inputs`` in process: the median of five timed windows.
+
+    The session is configured as the service configures its own (``threads`` intra-op threads,
+    no spinning, all graph optimisations), so the figure is the model's share of a service call.
+    """
+    import time
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, inputs)
+    windows = []
+    for _ in range(5):
+        calls, started = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - started < seconds / 5:
+            session.run(None, inputs)
+            calls += 1
+        windows.append((time.perf_counter() - started) / calls * 1000)
+    return float(np.median(windows))
+
+
+def speed_comparison(
+    fp32: Path, int8: Path, example: dict[str, np.ndarray], batches: Sequence[int], seconds: float = 3.0
+) -> dict[str, dict[str, float]]:
+    """fp32 and int8 milliseconds per call on one thread at each batch size, and the speed-up."""
+    report = {}
+    for batch in batches:
+        feed = {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in example.items()}
+        a, b = inference_ms(fp32, feed, seconds), inference_ms(int8, feed, seconds)
+        report[str(batch)] = {"fp32_ms": round(a, 4), "int8_ms": round(b, 4), "speedup": round(a / b, 2)}
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", choices=["classifier"])
-    parser.add_argument("--model-dir", type=Path, default=Path("models/classifier/1"))
+    parser.add_argument("model", choices=["classifier", "diffusion"])
+    parser.add_argument("--model-dir", type=Path, default=None, help="default models/classifier/1 (or the denoiser's)")
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--precision", default="fp32", help="classifier: which variant of the version to score")
+    parser.add_argument("--sampler", default="dpmpp2m", help="diffusion: ddim, ddpm or dpmpp2m")
+    parser.add_argument("--steps", type=int, default=10, help="diffusion: sampling steps")
+    parser.add_argument("--samples", type=int, default=2000, help="diffusion: images, a tenth per class")
+    parser.add_argument("--spacing", default=None, help="diffusion: leading or trailing (default: the sampler's)")
+    parser.add_argument("--seed", type=int, default=None, help="diffusion: default the model card's")
     args = parser.parse_args(argv)
+    if args.model == "diffusion":
+        model_dir = args.model_dir or Path("models/diffusion_denoiser/1")
+        metrics = sampler_quality(
+            model_dir, Path("models/classifier/1"), args.sampler, args.steps, args.samples, args.seed,
+            spacing=args.spacing,
+        )  # fmt: skip
+        print(json.dumps(metrics, indent=2))
+        return 0
+    args.model_dir = args.model_dir or Path("models/classifier/1")
     test = load_split("test", args.data_dir)
+    if args.precision != "fp32":
+        from services.core.manifest import Manifest
+        from services.core.repository import manifest_file
+
+        variant = Manifest.read(args.model_dir / manifest_file(args.precision))
+        reference = classifier_logits(args.model_dir, test.images)
+        logits = run_onnx(onnx_session(args.model_dir / variant.file), {"image": to_input(test.images)})[0]
+        metrics = classifier_metrics(logits, test.labels)
+        metrics.pop("confusion_matrix")
+        metrics["fp32_accuracy"] = classifier_metrics(reference, test.labels)["accuracy"]
+        metrics["parity_vs_fp32"] = compare_outputs(reference, logits, argmax=True)
+        print(json.dumps(metrics, indent=2))
+        return 0
     metrics = classifier_metrics(classifier_logits(args.model_dir, test.images), test.labels)
     metrics.pop("confusion_matrix")
     print(json.dumps(metrics, indent=2))
