@@ -1,8 +1,11 @@
-"""Generation on numpy: request validation, GAN inputs, and the DDIM/DDPM step over the ONNX denoiser.
+"""Generation on numpy: request validation, GAN inputs, and the diffusion steps over the ONNX denoiser.
 
-The diffusion step mirrors ``training/diffusion/sampler.py`` (itself diffusers' ``DDIMScheduler.step``
-with epsilon prediction and x0 clipping; Song et al. 2021, eq. 12) and is tested against it step
-by step. Everything the loop needs comes from the denoiser's manifest.
+Two updates, both mirroring ``training/diffusion/sampler.py`` and tested against it step by step:
+DDIM (diffusers' ``DDIMScheduler.step`` with epsilon prediction and x0 clipping; Song et al. 2021,
+eq. 12; DDPM is DDIM with eta = 1 over T steps) and DPM-Solver++(2M) (Lu et al. 2022,
+arXiv:2211.01095, Algorithm 2, data prediction with the same x0 clipping), a multistep solver that
+keeps the previous step's x0 prediction in the job. Everything the loop needs comes from the
+denoiser's manifest.
 """
 
 from __future__ import annotations
@@ -41,8 +44,18 @@ class DiffusionSchedule:
         )
 
 
-def timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
-    """Descending, evenly spaced ("leading") timesteps, as the reference sampler."""
+SAMPLERS = ("ddim", "dpmpp2m")  # DDPM is DDIM with eta = 1
+# Few-step sampling starts at the last trained timestep ("trailing", Lin et al. 2023): with
+# "leading" spacing 10 steps would start at t = 900 from pure noise.
+DEFAULT_SPACING = {"ddim": "leading", "dpmpp2m": "trailing"}
+
+
+def timesteps(num_train_steps: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
+    """Descending, evenly spaced timesteps ("leading" or "trailing"), as the reference sampler."""
+    if spacing == "trailing":
+        return (np.round(np.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1).astype(np.int64)
+    if spacing == "linspace":
+        return np.round(np.linspace(0, num_train_steps - 1, num_steps))[::-1].astype(np.int64)
     ratio = num_train_steps // num_steps
     return (np.arange(num_steps) * ratio)[::-1].astype(np.int64)
 
@@ -69,6 +82,41 @@ def ddim_step(
     return x_prev.astype(np.float32), x0.astype(np.float32)
 
 
+def _alpha_sigma_lambda(alphas_cumprod: np.ndarray, t: int) -> tuple[np.float32, np.float32, np.float32]:
+    a = np.float32(alphas_cumprod[t])
+    alpha, sigma = np.sqrt(a), np.sqrt(np.float32(1) - a)
+    return alpha, sigma, np.log(alpha) - np.log(sigma)
+
+
+def dpm_solver_pp_step(
+    eps: np.ndarray,
+    t: int,
+    t_next: int,
+    x: np.ndarray,
+    alphas_cumprod: np.ndarray,
+    x0_last: np.ndarray | None,
+    t_last: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One DPM-Solver++(2M) update x_t -> x_{t_next} (t_next < 0: the last step). Returns (x_next, x0).
+
+    With lambda = log(alpha / sigma), h = lambda_next - lambda_t and r = (lambda_t - lambda_last) / h:
+    D = (1 + 1/(2r)) x0 - 1/(2r) x0_last (D = x0 on the first step: DDIM), and
+    x_next = sigma_next / sigma_t x - alpha_next (e^-h - 1) D. The last step returns x0.
+    """
+    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(alphas_cumprod, t)
+    x0 = np.clip((x - sigma_t * eps) / alpha_t, -1, 1)
+    if t_next < 0:
+        return x0.astype(np.float32), x0.astype(np.float32)
+    alpha_n, sigma_n, lambda_n = _alpha_sigma_lambda(alphas_cumprod, t_next)
+    h = lambda_n - lambda_t
+    d = x0
+    if x0_last is not None and t_last is not None:
+        r = (lambda_t - _alpha_sigma_lambda(alphas_cumprod, t_last)[2]) / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_last
+    x_next = (sigma_n / sigma_t) * x - alpha_n * np.expm1(-h) * d
+    return x_next.astype(np.float32), x0.astype(np.float32)
+
+
 def to_pixels(x: np.ndarray) -> np.ndarray:
     """Model space [-1, 1] -> pixels [0, 1]."""
     return np.clip((x + 1) / 2, 0, 1).astype(np.float32)
@@ -87,6 +135,7 @@ class DiffusionJob:
     x: np.ndarray = field(init=False)
     x0: np.ndarray | None = None
     index: int = 0
+    sampler: str = "ddim"  # "ddim" (eta > 0 and T steps: DDPM) or "dpmpp2m"
 
     def __post_init__(self) -> None:
         self.x = self.rng.standard_normal((len(self.labels), 1, 28, 28), dtype=np.float32)
@@ -122,8 +171,14 @@ class DiffusionJob:
             eps = uncond + np.float32(self.guidance) * (cond - uncond)
         t = int(self.steps[self.index])
         t_prev = int(self.steps[self.index + 1]) if self.index + 1 < len(self.steps) else -1
-        noise = self.rng.standard_normal(self.x.shape, dtype=np.float32) if self.eta > 0 else None
-        self.x, self.x0 = ddim_step(eps, t, t_prev, self.x, self.schedule.alphas_cumprod, self.eta, noise)
+        if self.sampler == "dpmpp2m":
+            # The multistep solver needs the previous step's x0 prediction: it is still self.x0.
+            t_last = int(self.steps[self.index - 1]) if self.index > 0 else None
+            x0_last = self.x0 if self.index > 0 else None
+            self.x, self.x0 = dpm_solver_pp_step(eps, t, t_prev, self.x, self.schedule.alphas_cumprod, x0_last, t_last)
+        else:
+            noise = self.rng.standard_normal(self.x.shape, dtype=np.float32) if self.eta > 0 else None
+            self.x, self.x0 = ddim_step(eps, t, t_prev, self.x, self.schedule.alphas_cumprod, self.eta, noise)
         self.index += 1
 
     def images(self) -> np.ndarray:
