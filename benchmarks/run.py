@@ -58,17 +58,20 @@ def wait_ready(address: str, timeout: float = 90.0) -> None:
 
 
 @contextmanager
-def server(name: str, workdir: Path) -> Iterator[str]:
-    """Start one server pinned to core 0; yields its gRPC address.
+def server(name: str, workdir: Path, repository: Path = ROOT / "models") -> Iterator[str]:
+    """Start one server pinned to core 0 on ``repository``'s classifier; yields its gRPC address.
 
-    Names: echo, nnserve (classify), nnserve-nobatch (classify, batching off), nnserve-restore,
-    kserve, mlserver.
+    Names: echo, naive (benchmarks/naive_server.py), nnserve (classify), nnserve-nobatch (classify,
+    batching off), nnserve-restore, kserve, mlserver.
     """
+    model = repository / "classifier" / "1" / "model.onnx"
     port = free_port()
     env = dict(os.environ)
     cwd = ROOT
     if name == "echo":
         command = [PY, "benchmarks/echo_server.py", "--port", str(port)]
+    elif name == "naive":
+        command = [PY, "benchmarks/naive_server.py", "--model", str(model), "--port", str(port)]
     elif name.startswith("nnserve"):
         service = "restore" if name == "nnserve-restore" else "classify"
         command = [
@@ -85,6 +88,8 @@ def server(name: str, workdir: Path) -> Iterator[str]:
             "4096",
             "--model-poll-interval-s",
             "0",
+            "--model-repository",
+            str(repository),
         ]
         if name == "nnserve-nobatch":
             command += ["--batching", "false"]
@@ -93,7 +98,7 @@ def server(name: str, workdir: Path) -> Iterator[str]:
             str(ROOT / ".venv-kserve/bin/python"),
             "benchmarks/peers/kserve_server.py",
             "--model",
-            str(MODEL),
+            str(model),
             "--grpc-port",
             str(port),
             "--http-port",
@@ -107,7 +112,7 @@ def server(name: str, workdir: Path) -> Iterator[str]:
         model = {
             "name": "classifier",
             "implementation": "onnx_runtime.OnnxClassifier",
-            "parameters": {"uri": str(MODEL)},
+            "parameters": {"uri": str(model)},
             "max_batch_size": 64,
             "max_batch_time": 0.002,
             "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
@@ -189,6 +194,61 @@ print(n * {batch} / (time.perf_counter() - t))
     return float(result.stdout.strip())
 
 
+def in_process_model(path: Path, batch: int, seconds: float) -> float:
+    """Images/s of in-process onnxruntime (one thread, core 0) on the classifier at ``path``."""
+    code = f"""
+import time, numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.intra_op_num_threads = 1
+o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+s = ort.InferenceSession({str(path)!r}, o, providers=["CPUExecutionProvider"])
+feed = {{"image": np.random.rand({batch}, 1, 28, 28).astype(np.float32)}}
+for _ in range(10): s.run(None, feed)
+n, t = 0, time.perf_counter()
+while time.perf_counter() - t < {seconds}: s.run(None, feed); n += 1
+print(n * {batch} / (time.perf_counter() - t))
+"""
+    result = subprocess.run(["taskset", "-c", "0", PY, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip())
+
+
+def overhead(seconds: float, peers: list[str], tmp: Path) -> dict:
+    """Serving overhead: every server on the shipped classifier and on a LeNet-size one, OIP and typed.
+
+    For 64-image requests the one-core limit is 1 / (1/echo req/s + 64/in-process images/s): the
+    transport's cost and the model's, paid in turn on the one core the server has.
+    """
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lenet import make_lenet
+
+    make_lenet(tmp / "lenet")
+    repositories = {"classifier (468k params)": ROOT / "models", "lenet (62k params)": tmp / "lenet"}
+    out: dict = {"echo": {}, "models": {}}
+    with server("echo", tmp) as address:
+        for rpc in ("classify", "infer"):
+            runs = {str(c): load(address, rpc, seconds, "-c", str(c)) for c in (1, 16)}
+            runs["64x4"] = load(address, rpc, seconds, "-c", "4", "-n", "64")
+            out["echo"][rpc] = runs
+            print(f"echo {rpc}: {[round(r['requests_per_s']) for r in runs.values()]} req/s", flush=True)
+    for label, repository in repositories.items():
+        path = repository / "classifier" / "1" / "model.onnx"
+        ip = {str(b): round(in_process_model(path, b, min(seconds, 2.0)), 1) for b in (1, 64)}
+        rows: dict = {}
+        plan = [("naive", "infer"), ("nnserve", "classify"), ("nnserve", "infer"), *[(p, "infer") for p in peers]]
+        for name in dict.fromkeys(n for n, _ in plan):
+            with server(name, tmp, repository) as address:
+                for rpc in [r for n, r in plan if n == name]:
+                    runs = {str(c): load(address, rpc, seconds, "-c", str(c)) for c in (1, 16)}
+                    runs["64x4"] = load(address, rpc, seconds, "-c", "4", "-n", "64")
+                    rows[f"{name} {rpc}"] = runs
+                    print(
+                        f"{label} {name} {rpc}: c=1 {runs['1']['requests_per_s']:.0f} req/s, "
+                        f"c=16 {runs['16']['requests_per_s']:.0f} req/s, 64x4 {runs['64x4']['images_per_s']:.0f} images/s",
+                        flush=True,
+                    )
+        out["models"][label] = {"in_process_images_per_s": ip, "servers": rows}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0)
@@ -198,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_run": args.seconds,
         "pinning": "server on core 0 (1 onnxruntime thread), client on core 1",
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        results["overhead"] = overhead(args.seconds, peers, Path(tmp))
     results["in_process_images_per_s"] = {str(b): round(in_process(b, args.seconds), 1) for b in (1, 16, 64)}
     results["in_process_rows_per_s"] = {
         model: {str(b): round(in_process(b, min(args.seconds, 2.0), model), 1) for b in (1, 64)} for model in MODELS
@@ -288,6 +350,43 @@ def plot(results: dict) -> None:
     plt.close(fig)
 
 
+def overhead_markdown(o: dict) -> str:
+    """The serving-overhead tables: every server against the naive inline one, and the x-limit."""
+    parts = [
+        "## Serving overhead: nnserve against the naive inline server (`benchmarks/naive_server.py`)\n",
+        "Single-image requests: requests/s (p50 ms at 1 caller, p99 ms at 16) and the ratio to the naive "
+        "server's requests/s; 64-image requests at 4 callers: images/s and **x limit** = images/s / "
+        "(1 / (1/echo req/s + 64/in-process images/s)), the one-core bound. nnserve runs with batching, "
+        "validation, metrics and limits on (its defaults).\n",
+    ]
+    for label, m in o["models"].items():
+        ip = m["in_process_images_per_s"]
+        servers = dict(m["servers"])
+        naive = servers.get("naive infer")
+        parts.append(
+            f"### {label}: in-process onnxruntime {ip['1']:,.0f} images/s at batch 1, {ip['64']:,.0f} at batch 64\n"
+        )
+        parts.append(
+            "| server, API | 1 caller: req/s (p50) | x naive | 16 callers: req/s (p99) | x naive | 64-image: images/s | x limit |"
+        )
+        parts.append("|---|---|---|---|---|---|---|")
+        rows = {f"echo {k}": v for k, v in o["echo"].items()} | servers
+        for key, runs in rows.items():
+            rpc = key.split()[-1]
+            echo64 = o["echo"]["infer" if rpc == "infer" else "classify"]["64x4"]["requests_per_s"]
+            limit = 1 / (1 / echo64 + 64 / ip["64"])
+            c1, c16, big = runs["1"], runs["16"], runs["64x4"]
+            r1 = f"{c1['requests_per_s'] / naive['1']['requests_per_s']:.2f}x" if naive else ""
+            r16 = f"{c16['requests_per_s'] / naive['16']['requests_per_s']:.2f}x" if naive else ""
+            xl = "" if key.startswith("echo") else f"{big['images_per_s'] / (limit * 64):.2f}"
+            parts.append(
+                f"| {key} | {c1['requests_per_s']:,.0f} ({c1['latency_ms']['p50']:.2f}) | {r1} | "
+                f"{c16['requests_per_s']:,.0f} ({c16['latency_ms']['p99']:.2f}) | {r16} | {big['images_per_s']:,.0f} | {xl} |"
+            )
+        parts.append("")
+    return "\n".join(parts) + "\n"
+
+
 def write_markdown(results: dict) -> None:
     closed, ip = results["closed_loop"], results["in_process_images_per_s"]
     rows = []
@@ -328,6 +427,7 @@ def write_markdown(results: dict) -> None:
     for key, sweep in results.get("open_loop", {}).items():
         ok = [s["offered"] for s in sweep if s["latency_ms"]["p99"] < 50 and not s["errors"]]
         sweeps.append(f"| {key} | {max(ok) if ok else 0:,.0f} |")
+    overhead_md = overhead_markdown(results["overhead"]) if "overhead" in results else ""
     text = f"""# Benchmarks
 
 Generated by `python benchmarks/run.py` (classify) and `python benchmarks/generate_bench.py`
@@ -335,7 +435,8 @@ Generated by `python benchmarks/run.py` (classify) and `python benchmarks/genera
 of {results["seconds_per_run"]:.0f} s after a 1 s warm-up, measured side by side in the same run; latency is
 measured by `nnserve loadtest` from the intended send time.
 
-## Classify: the targets
+{overhead_md}
+## Classify: the targets of the first round
 
 {chr(10).join(lines)}
 
