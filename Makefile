@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
 .PHONY: up test test-fast system-deps protos lint train-classifier train-autoencoder train-gan train-diffusion \
-	triton-venv bench bench-venvs images e2e-docker clean
+	triton-venv bench bench-venvs images e2e-docker e2e-swarm k8s-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,15 @@ bench: $(VENV)/.installed-all bench-venvs
 # builds every image offline from a debootstrap base and host-downloaded wheels). Needs root.
 e2e-docker: $(VENV)/.installed-all
 	PYTHON=$(BIN)/python bash scripts/docker-e2e.sh
+
+# Only the Docker Swarm part of e2e-docker (it builds or reuses the same images first).
+e2e-swarm: $(VENV)/.installed-all
+	E2E_ONLY=swarm PYTHON=$(BIN)/python bash scripts/docker-e2e.sh
+
+# The Kubernetes manifests offline: render every kustomization, validate against the Kubernetes
+# schemas, check the invariants (tests/test_kubernetes.py; make test runs it too).
+k8s-check: $(VENV)/.installed-all
+	$(BIN)/python -m pytest tests/test_kubernetes.py $(PYTEST_ARGS)
 
 images: $(VENV)/.installed-all
 	$(BIN)/python scripts/readme_examples.py

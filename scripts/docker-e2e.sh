@@ -6,6 +6,7 @@
 #      from them (WHEELS=local), and a Prometheus image from Debian's prometheus package
 #   4. run tests/e2e (docker-compose up, health, classify/restore/generate/OIP from the host,
 #      Prometheus targets and counters, --scale classify=2 with round-robin), which tears down
+#   4b. run tests/e2e/test_swarm.py: the same images as a Docker Swarm stack (see its block below)
 #   5. stop dockerd if this script started it
 # Prints each phase's time and the image sizes. Needs root. PYTHON: the venv with nnserve[dev].
 set -euo pipefail
@@ -56,8 +57,29 @@ docker build -q -f docker/prometheus.Dockerfile --build-arg BASE_IMAGE="$NNSERVE
     -t "$NNSERVE_PROMETHEUS_IMAGE" . >/dev/null
 docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E "nnserve-(serve|prometheus):e2e|$NNSERVE_BASE_IMAGE" || true
 
-phase "running tests/e2e"
 status=0
-NNSERVE_E2E_COMPOSE=1 "$PYTHON" -m pytest tests/e2e -q -s -p no:cacheprovider || status=$?
+if [ "${E2E_ONLY:-}" != swarm ]; then
+    phase "running tests/e2e"
+    NNSERVE_E2E_COMPOSE=1 "$PYTHON" -m pytest tests/e2e -q -s -p no:cacheprovider \
+        --ignore=tests/e2e/test_swarm.py || status=$?
+fi
+
+# --- Docker Swarm (deploy/swarm/stack.yaml, tests/e2e/test_swarm.py): the same images as a stack on
+# a single-node swarm: round-robin over tasks, scale-out, a rolling update and a killed task under
+# load. The test inits the swarm if the node is in none and leaves it (and its docker_gwbridge)
+# afterwards. E2E_ONLY=swarm (make e2e-swarm) runs only this part. About 2.5 minutes.
+swarm_started=$(date +%s)
+swarm_before=$(docker info -f '{{.Swarm.LocalNodeState}}')
+phase "running tests/e2e/test_swarm.py (Docker Swarm)"
+NNSERVE_E2E_COMPOSE=1 NNSERVE_E2E_SWARM=1 NNSERVE_IMAGE="nnserve-serve:$NNSERVE_TAG" \
+    "$PYTHON" -m pytest tests/e2e/test_swarm.py -q -s -p no:cacheprovider || status=$?
+if [ "$swarm_before" != active ] && [ "$(docker info -f '{{.Swarm.LocalNodeState}}')" = active ]; then
+    phase "leaving the swarm a killed test left behind"  # else the next dockerd starts as a manager
+    docker swarm leave --force >/dev/null || true
+    docker network rm docker_gwbridge >/dev/null 2>&1 || true
+fi
+phase "Swarm step finished in $(( $(date +%s) - swarm_started ))s"
+# --- end of the Docker Swarm part
+
 phase "done (pytest exit $status)"
 exit $status
