@@ -61,8 +61,9 @@ SERVICES = {
         ("gan_generator", "diffusion_denoiser"),
         "nnserve generate --address {address} --model gan --label 3 --count 16 --out grid.png",
     ),
-    # The web console needs no models: it calls the three services above.
-    "console": ServiceSpec("console", "services.console", 8080, 9104, (), "open http://{address}/ in a browser"),
+    # The web console needs no models: it calls the three services above. Its port stays above
+    # 9000 like the others, so every --port-offset that works for them works for it.
+    "console": ServiceSpec("console", "services.console", 9080, 9104, (), "open http://{address}/ in a browser"),
 }
 OPTIONAL_MODEL_FLAGS = {"gan_generator": "--gan-model=", "diffusion_denoiser": "--diffusion-model="}
 
@@ -247,7 +248,7 @@ def _up(args: argparse.Namespace) -> int:
         models = ", ".join(f"{k}/{v}" for k, v in info["models"].items())
         where = f"grpc {address:<16}" if spec.models else f"web  http://{address}/"
         served = f" models {models}" if spec.models else ""
-        print(f"  {spec.name:<9} {where} metrics {metrics:<32}{served}")
+        print(f"  {spec.name:<9} {where} metrics {metrics:<32}{served}".rstrip())
         print(f"  {'':<9} try: {spec.example.format(address=address)}")
     print("\nhealth: nnserve health ADDRESS    stop: Ctrl-C\n", flush=True)
     codes = [child.wait() for _, child, _ in children]

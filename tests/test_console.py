@@ -533,7 +533,7 @@ def test_up_starts_the_console_next_to_the_services(tiny_repository: Path) -> No
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port + offset))
             break
-        except OSError:
+        except (OSError, OverflowError):  # taken, or beyond 0-65535
             continue
     command = [
         sys.executable, "-m", "services.cli", "up", "--model-repository", str(tiny_repository),
@@ -546,7 +546,7 @@ def test_up_starts_the_console_next_to_the_services(tiny_repository: Path) -> No
         lines.append(proc.stdout.readline())
     text = "".join(lines)
     try:
-        url = f"http://127.0.0.1:{8080 + offset}/"
+        url = f"http://127.0.0.1:{9080 + offset}/"
         assert f"console   web  {url}" in text, text
         assert HTTP.request("GET", url).status == 200
         status, body = get_json(url + "api/status")

@@ -14,7 +14,7 @@ class ConsoleSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NNSERVE_CONSOLE_", extra="forbid", protected_namespaces=())
 
     host: str = Field("127.0.0.1", description="Address the web server binds to ('0.0.0.0' for all).")
-    port: int = Field(8080, ge=0, le=65535, description="HTTP port of the page and its API; 0 picks a free one.")
+    port: int = Field(9080, ge=0, le=65535, description="HTTP port of the page and its API; 0 picks a free one.")
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
     metrics_port: int | None = Field(
         9104, ge=0, le=65535, description="Metrics HTTP port; 0 picks a free one, unset disables it."
