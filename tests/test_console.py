@@ -270,6 +270,7 @@ def test_classify_relays_the_service_reply(console: ConsoleProcess, classify_ser
         ({"image": ("x.png", b"not an image", "image/png")}, 400, "classify: INVALID_ARGUMENT: images[0]"),
         ({"image": ("x.png", png(item()), "image/png"), "top_k": "11"}, 400, "INVALID_ARGUMENT: top_k"),
         ({"image": ("x.png", png(item()), "image/png"), "top_k": "three"}, 400, "top_k: must be an integer"),
+        ({"image": ("x.png", png(item()), "image/png"), "top_k": ("k.txt", b"3", "text/plain")}, 400, "top_k: must"),
         ({"image": ("x.png", png(item()), "image/png"), "model_version": "99"}, 404, "NOT_FOUND: model_version"),
         ({"top_k": "3"}, 400, "image: missing"),
         ({"image": "text, not a file"}, 400, "image: must be a file upload"),

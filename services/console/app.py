@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.client import GenerateClient, channel_options
 from services.console.settings import ConsoleSettings
 from services.core.convert import tensor_message
-from services.core.errors import InvalidInput
+from services.core.errors import InvalidInput, shorten
 from services.core.images import decode_image, encode_png
 from services.core.metrics import DURATION_BUCKETS
 from services.proto.inference import grpc_service_pb2 as oip_pb2
@@ -223,7 +223,7 @@ def parse_int(name: str, value: Any, low: int, high: int) -> int:
         except ValueError:
             raise InvalidInput(name, f"must be an integer, got {value[:32]!r}") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(name, f"must be an integer, got {json.dumps(value)[:32]}")
+        raise InvalidInput(name, f"must be an integer, got {shorten(value, 32)}")
     if not low <= value <= high:
         raise InvalidInput(name, f"{value} is out of range ({low}..{high})")
     return value
@@ -237,7 +237,7 @@ def parse_float(name: str, value: Any, low: float, high: float) -> float:
         except ValueError:
             raise InvalidInput(name, f"must be a number, got {value[:32]!r}") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidInput(name, f"must be a finite number, got {json.dumps(value)[:32]}")
+        raise InvalidInput(name, f"must be a finite number, got {shorten(value, 32)}")
     if not low <= value <= high:
         raise InvalidInput(name, f"{value} is out of range ({low:g}..{high:g})")
     return float(value)
