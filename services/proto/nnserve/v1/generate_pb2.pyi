@@ -26,6 +26,7 @@ class Sampler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLER_UNSPECIFIED: _ClassVar[Sampler]
     SAMPLER_DDIM: _ClassVar[Sampler]
     SAMPLER_DDPM: _ClassVar[Sampler]
+    SAMPLER_DPM_SOLVER_PP: _ClassVar[Sampler]
 GENERATOR_MODEL_UNSPECIFIED: GeneratorModel
 GENERATOR_MODEL_GAN: GeneratorModel
 GENERATOR_MODEL_DIFFUSION: GeneratorModel
@@ -36,6 +37,7 @@ GENERATE_OUTPUT_TENSOR: GenerateOutput
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_DDIM: Sampler
 SAMPLER_DDPM: Sampler
+SAMPLER_DPM_SOLVER_PP: Sampler
 
 class DiffusionOptions(_message.Message):
     __slots__ = ("sampler", "steps", "eta", "guidance_scale", "preview_every")
