@@ -210,3 +210,6 @@ def test_service_errors_show_as_messages(browser: WebDriver, tmp_path: Path) -> 
     browser.find_element(By.ID, "classify-file").send_keys(str(not_an_image))
     error = wait(browser, lambda d: visible(d, "classify-error") and d.find_element(By.ID, "classify-error"), "")
     assert "HTTP 400: classify: INVALID_ARGUMENT: images[0]" in error.text
+    browser.find_element(By.ID, "restore-file").send_keys(str(not_an_image))
+    error = wait(browser, lambda d: visible(d, "restore-error") and d.find_element(By.ID, "restore-error"), "")
+    assert "notes.png: the browser cannot read this file as an image" in error.text

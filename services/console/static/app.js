@@ -108,7 +108,7 @@ async function exampleList() {
   }
 }
 
-function fillExamples(container, examples, onPick) {
+function fillExamples(panel, container, examples, onPick) {
   for (const ex of examples) {
     const button = document.createElement("button");
     button.type = "button";
@@ -120,7 +120,13 @@ function fillExamples(container, examples, onPick) {
     button.append(img);
     button.addEventListener("click", async () => {
       container.querySelectorAll("button").forEach((b) => b.classList.toggle("chosen", b === button));
-      const blob = await (await request(ex.url)).blob();
+      let blob;
+      try {
+        blob = await (await request(ex.url)).blob();
+      } catch (err) {
+        showError(panel, `example ${ex.name}: ${err.message}`);
+        return;
+      }
       onPick(blob, ex.name);
     });
     container.append(button);
@@ -214,7 +220,7 @@ function setupClassify(examples) {
   $("classify-clear").addEventListener("click", clear);
   $("classify-draw").addEventListener("click", async () => classifyImage(await toBlob(canvas)));
   wireDrop($("classify-drop"), $("classify-file"), (blob) => classifyImage(blob));
-  fillExamples($("classify-examples"), examples, (blob) => classifyImage(blob));
+  fillExamples("classify", $("classify-examples"), examples, (blob) => classifyImage(blob));
 }
 
 // ---- restore -------------------------------------------------------------------------------
@@ -246,9 +252,16 @@ function setupRestore(examples) {
   const noise = $("restore-noise");
   noise.addEventListener("input", () => { $("restore-noise-value").textContent = Number(noise.value).toFixed(2); });
 
-  const choose = async (blob) => {
+  const choose = async (blob, name) => {
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(blob);
+    } catch {
+      showError("restore", `${name}: the browser cannot read this file as an image`);
+      return;
+    }
+    showError("restore", "");
     restoreState.image = blob;
-    const bitmap = await createImageBitmap(blob);
     const ctx = imageCanvas.getContext("2d");
     ctx.imageSmoothingEnabled = false;
     ctx.fillStyle = "#000";
@@ -260,7 +273,7 @@ function setupRestore(examples) {
     clearMask();
   };
   wireDrop($("restore-drop"), $("restore-file"), choose);
-  fillExamples($("restore-examples"), examples, choose);
+  fillExamples("restore", $("restore-examples"), examples, choose);
 
   $("restore-run").addEventListener("click", () => run("restore", async () => {
     if (!restoreState.image) throw new Error("pick an image first (a file or one of the examples)");
