@@ -250,6 +250,7 @@ def optional(fields: dict[str, Any], name: str) -> Any:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -292,10 +293,12 @@ def generate_request(body: dict[str, Any], output: str, preview: bool) -> genera
 
 
 def data_url(png: bytes) -> str:
+    """PNG bytes as a data: URL the page can show without another request."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def result_json(reply: generate_pb2.GenerateResponse) -> dict[str, Any]:
+    """A GenerateResponse (grid output) as the page shows it."""
     return {
         "grid": data_url(reply.grid_png),
         "labels": list(reply.labels),
@@ -310,14 +313,17 @@ def result_json(reply: generate_pb2.GenerateResponse) -> dict[str, Any]:
 
 
 async def index(request: web.Request) -> web.FileResponse:
+    """GET /: the page."""
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the console process answers (the services' health is /api/status)."""
     return web.json_response({"ok": True})
 
 
 async def examples(request: web.Request) -> web.Response:
+    """GET /api/examples: the shipped example images."""
     files = sorted((STATIC / "examples").glob("*.png"))
     return web.json_response({"examples": [{"name": f.stem, "url": f"/static/examples/{f.name}"} for f in files]})
 
@@ -349,12 +355,14 @@ async def service_status(console: Console, name: str) -> dict[str, Any]:
 
 
 async def status(request: web.Request) -> web.Response:
+    """GET /api/status: every service's health and models, asked concurrently."""
     console = request.app[CONSOLE]
     services = await asyncio.gather(*(service_status(console, name) for name in SERVICE_NAMES))
     return web.json_response({"services": services, "time": time.time()})
 
 
 async def classify(request: web.Request) -> web.Response:
+    """POST /api/classify: one uploaded image -> top classes, OOD score and flag."""
     console = request.app[CONSOLE]
     form = await read_form(request)
     image = form_file(form, "image")
@@ -397,6 +405,7 @@ def damage(image: bytes, mask: bytes | None, noise: float, seed: int) -> tuple[n
 
 
 async def restore(request: web.Request) -> web.Response:
+    """POST /api/restore: one image, damaged here as asked (noise, mask), restored by the service."""
     console = request.app[CONSOLE]
     form = await read_form(request)
     image = form_file(form, "image")
@@ -434,6 +443,7 @@ async def restore(request: web.Request) -> web.Response:
 
 
 async def generate(request: web.Request) -> web.Response:
+    """POST /api/generate: one grid from the GAN or the diffusion model, in one reply."""
     console = request.app[CONSOLE]
     message = generate_request(await read_json(request), "grid", preview=False)
     timeout = console.settings.timeout_s
@@ -504,6 +514,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def stop_stream(request: web.Request) -> web.Response:
+    """POST /api/generate/stop/{id}: cancel that stream's GenerateStream call on the service."""
     console = request.app[CONSOLE]
     job_id = request.match_info["id"]
     job = console.streams.get(job_id)
@@ -519,6 +530,7 @@ async def stop_stream(request: web.Request) -> web.Response:
 
 
 def error_json(status: int, message: str, **extra: Any) -> web.Response:
+    """The JSON error body every failure answers with."""
     return web.json_response({"error": message, **extra}, status=status)
 
 
