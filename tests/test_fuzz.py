@@ -1,19 +1,27 @@
 """Hypothesis-driven fuzzing of every RPC of every service, over real gRPC channels.
 
 Every reply must be a proper status for bad input (never INTERNAL or UNKNOWN), no call may hang,
-and the server must answer a normal request afterwards. NNSERVE_FUZZ_EXAMPLES sets the number of
-cases per test (default 500).
+and the server must answer a normal request afterwards. Meanwhile bystanders send valid requests
+and health checks to every service for the whole module: none of them may fail, and the servers'
+memory must come back to within 10% of its level after the first test. NNSERVE_FUZZ_EXAMPLES sets
+the number of cases per test (default 500; CI's fuzz step runs 10,000).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import io
 import os
+import threading
+import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from services.client import tensor_message
 from services.proto.inference import grpc_service_pb2 as oip_pb
@@ -70,8 +78,67 @@ def check_alive(channel: grpc.Channel, method: str, request: bytes) -> None:
     assert call(channel, method, request) == "OK", "the server stopped answering good requests"
 
 
+def rss_kb(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+class Bystanders:
+    """Valid calls and health checks to every service, in a thread, for as long as the module runs."""
+
+    def __init__(self, servers: dict[str, ServiceProcess]) -> None:
+        self.servers = servers
+        self.failures: list[str] = []
+        self.health_ms: list[float] = []
+        self.calls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.rss_after_warmup: dict[str, int] = {}
+
+    def _run(self) -> None:
+        good = {
+            "classify": ("/nnserve.v1.ClassifyService/Classify", GOOD_CLASSIFY),
+            "restore": ("/nnserve.v1.RestoreService/Restore", GOOD_RESTORE),
+            "generate": ("/nnserve.v1.GenerateService/Generate", GOOD_GENERATE),
+        }
+        channels = {name: grpc.insecure_channel(s.address) for name, s in self.servers.items()}
+        try:
+            while not self._stop.is_set():
+                for name, channel in channels.items():
+                    method, request = good[name]
+                    started = time.perf_counter()
+                    try:
+                        channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=30)
+                        self.health_ms.append((time.perf_counter() - started) * 1000)
+                        channel.unary_unary(method)(request, timeout=30)
+                        self.calls += 1
+                    except grpc.RpcError as exc:
+                        self.failures.append(f"{name}: {exc.code().name}: {exc.details()}")
+                self._stop.wait(0.02)
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+    def __enter__(self) -> Bystanders:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
 @pytest.fixture(scope="module")
-def channels(classify_server: ServiceProcess, restore_server: ServiceProcess, generate_server: ServiceProcess):  # type: ignore[no-untyped-def]
+def bystanders(classify_server: ServiceProcess, restore_server: ServiceProcess, generate_server: ServiceProcess):  # type: ignore[no-untyped-def]
+    servers = {"classify": classify_server, "restore": restore_server, "generate": generate_server}
+    with Bystanders(servers) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channels(
+    classify_server: ServiceProcess, restore_server: ServiceProcess, generate_server: ServiceProcess, bystanders
+):  # type: ignore[no-untyped-def]
     opened = {
         name: grpc.insecure_channel(s.address)
         for name, s in (("classify", classify_server), ("restore", restore_server), ("generate", generate_server))
@@ -82,6 +149,58 @@ def channels(classify_server: ServiceProcess, restore_server: ServiceProcess, ge
 
 
 GOOD_CLASSIFY = classify_pb2.ClassifyRequest(tensor=tensor_message(np.zeros((1, 28, 28), np.uint8))).SerializeToString()
+GOOD_RESTORE = restore_pb2.RestoreRequest(tensor=tensor_message(np.zeros((1, 28, 28), np.uint8))).SerializeToString()
+GOOD_GENERATE = generate_pb2.GenerateRequest(count=1, labels=[3], seed=1).SerializeToString()
+
+
+def test_warm_up_and_note_memory(channels, bystanders, classify_server, restore_server, generate_server) -> None:  # type: ignore[no-untyped-def]
+    """Every RPC once, then the servers' RSS: the level the fuzzing must come back to."""
+    for name, method, request in (
+        ("classify", "/nnserve.v1.ClassifyService/Classify", GOOD_CLASSIFY),
+        ("restore", "/nnserve.v1.RestoreService/Restore", GOOD_RESTORE),
+        ("generate", "/nnserve.v1.GenerateService/Generate", GOOD_GENERATE),
+    ):
+        for _ in range(50):
+            check_alive(channels[name], method, request)
+    # The decode pool's threads and their allocator arenas are part of a warm server too.
+    for _ in range(3):
+        for image in EXTREME_IMAGES:
+            call(
+                channels["classify"],
+                "/nnserve.v1.ClassifyService/Classify",
+                classify_pb2.ClassifyRequest(images=[image] * 3).SerializeToString(),
+            )
+            call(
+                channels["restore"],
+                "/nnserve.v1.RestoreService/Restore",
+                restore_pb2.RestoreRequest(images=[image] * 3).SerializeToString(),
+            )
+    servers = {"classify": classify_server, "restore": restore_server, "generate": generate_server}
+    bystanders.rss_after_warmup = {name: rss_kb(s.proc.pid) for name, s in servers.items()}
+    # Decoding big images in several threads at once (the fuzz calls beside the bystanders') sets
+    # the allocator's working set: that is the warm level, not growth.
+    decode_calls = [
+        (name, method, message(images=[image] * 3).SerializeToString())
+        for name, method, message in (
+            ("classify", "/nnserve.v1.ClassifyService/Classify", classify_pb2.ClassifyRequest),
+            ("restore", "/nnserve.v1.RestoreService/Restore", restore_pb2.RestoreRequest),
+        )
+        for image in EXTREME_IMAGES * 2
+    ]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            list(pool.map(lambda c: call(channels[c[0]], c[1], c[2]), decode_calls))
+    bystanders.rss_after_warmup = {name: rss_kb(s.proc.pid) for name, s in servers.items()}
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 90).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# Extreme sizes and aspect ratios, made once: at and beyond the side limit, strips, a big square.
+EXTREME_IMAGES = [_png(w, h) for w, h in [(1, 16_384), (16_384, 1), (1, 16_385), (3, 20_000), (2000, 2000), (1, 1)]]
 
 
 @FUZZ
@@ -105,7 +224,7 @@ def test_fuzz_classify(channels, images, tensor, top_k, version) -> None:  # typ
     tensor=st.one_of(st.none(), tensors()),
     masks=st.lists(image_bytes, max_size=3),
     mask_tensor=st.one_of(st.none(), tensors()),
-    output=st.integers(-1, 5),
+    output=st.one_of(st.integers(-1, 5), st.sampled_from([99, 2**31 - 1, -(2**31)])),
 )
 def test_fuzz_restore(channels, images, tensor, masks, mask_tensor, output) -> None:  # type: ignore[no-untyped-def]
     request = restore_pb2.RestoreRequest(images=images, masks=masks, output=output)
@@ -123,8 +242,8 @@ def test_fuzz_restore(channels, images, tensor, masks, mask_tensor, output) -> N
     count=st.integers(0, 40),
     labels=st.lists(st.integers(-(2**31), 2**31 - 1), max_size=5),
     seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
-    output=st.integers(-1, 5),
-    sampler=st.integers(-1, 4),
+    output=st.one_of(st.integers(-1, 5), st.sampled_from([99, 2**31 - 1])),
+    sampler=st.one_of(st.integers(-1, 4), st.sampled_from([99, 2**31 - 1])),
     steps=st.integers(0, 1200),
     eta=floats,
     guidance=st.one_of(st.none(), floats),
@@ -229,7 +348,115 @@ def test_fuzz_model_names_and_versions(channels, name, version, method, server) 
     assert code in ALLOWED, code
 
 
-def test_servers_are_healthy_after_fuzzing(channels) -> None:  # type: ignore[no-untyped-def]
+@FUZZ
+@given(
+    images=st.lists(st.sampled_from(EXTREME_IMAGES), min_size=1, max_size=3),
+    server=st.sampled_from(["classify", "restore"]),
+)
+def test_fuzz_extreme_image_sizes(channels, images, server) -> None:  # type: ignore[no-untyped-def]
+    if server == "classify":
+        method, request = "/nnserve.v1.ClassifyService/Classify", classify_pb2.ClassifyRequest(images=images)
+    else:
+        method, request = "/nnserve.v1.RestoreService/Restore", restore_pb2.RestoreRequest(images=images)
+    code = call(channels[server], method, request.SerializeToString())
+    assert code in ALLOWED, code
+
+
+INDEX_VALUES = st.one_of(
+    st.integers(-3, 12),  # around the label range
+    st.integers(995, 1003),  # around the timestep range
+    st.sampled_from([2**63 - 1, -(2**63), 10**9, -7, 50, 1000]),
+)
+
+
+@FUZZ
+@given(
+    model=st.sampled_from(["gan_generator", "diffusion_denoiser"]),
+    labels=st.lists(INDEX_VALUES, min_size=1, max_size=4),
+    t=INDEX_VALUES,
+)
+def test_fuzz_index_tensors_at_and_beyond_their_range(channels, model, labels, t) -> None:  # type: ignore[no-untyped-def]
+    n = len(labels)
+    request = oip_pb.ModelInferRequest(model_name=model)
+    arrays = {"label": np.array(labels, np.int64)}
+    if model == "gan_generator":
+        arrays["z"] = np.zeros((n, 8), np.float32)
+    else:
+        arrays["x_t"] = np.zeros((n, 1, 28, 28), np.float32)
+        arrays["t"] = np.full(n, t, np.int64)
+    for name, array in arrays.items():
+        request.inputs.add(name=name, datatype="INT64" if array.dtype == np.int64 else "FP32", shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    code = call(channels["generate"], "/inference.GRPCInferenceService/ModelInfer", request.SerializeToString())
+    in_range = all(0 <= v <= (9 if model == "gan_generator" else 10) for v in labels) and (
+        model == "gan_generator" or 0 <= t <= 999
+    )
+    assert code == ("OK" if in_range else "INVALID_ARGUMENT"), (code, labels, t)
+
+
+@FUZZ
+@given(
+    length=st.sampled_from([200, 5_000, 100_000]),
+    char=st.characters(exclude_categories=("Cs",)),  # lone surrogates cannot be sent as UTF-8
+    method=st.sampled_from(["ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics", "ModelInfer"]),
+    server=st.sampled_from(["classify", "restore", "generate"]),
+)
+def test_fuzz_long_names_get_short_messages(channels, length, char, method, server) -> None:  # type: ignore[no-untyped-def]
+    name = char * length
+    if method == "ModelInfer":
+        request = oip_pb.ModelInferRequest(model_name=name)
+    else:
+        request = getattr(oip_pb, f"{method}Request")(name=name)
+    try:
+        channels[server].unary_unary(f"/inference.GRPCInferenceService/{method}")(
+            request.SerializeToString(), timeout=20
+        )
+        code, details = "OK", ""
+    except grpc.RpcError as exc:
+        code, details = exc.code().name, exc.details() or ""
+    assert code in ({"OK"} if method == "ModelReady" else {"NOT_FOUND"}), (code, details[:100])
+    assert len(details) < 400
+
+
+@FUZZ
+@given(
+    path=st.one_of(
+        st.text(min_size=1, max_size=300).map(lambda s: "/" + s),
+        st.sampled_from(["/nnserve.v1.ClassifyService/Nope", "/inference.GRPCInferenceService/X", "//", "/a/b/c"]),
+    ),
+    server=st.sampled_from(["classify", "restore", "generate"]),
+)
+def test_fuzz_unknown_method_paths(channels, path, server) -> None:  # type: ignore[no-untyped-def]
+    try:
+        channels[server].unary_unary(path)(b"", timeout=20)
+        code = "OK"
+    except grpc.RpcError as exc:
+        code = exc.code().name
+    except ValueError:  # paths the client library refuses to send
+        return
+    assert code in {"UNIMPLEMENTED", "INVALID_ARGUMENT"}, (code, path[:80])
+
+
+def test_servers_are_healthy_after_fuzzing(  # type: ignore[no-untyped-def]
+    channels, bystanders, classify_server, restore_server, generate_server
+) -> None:
+    bystanders.__exit__()
+    assert bystanders.calls > 0
+    assert bystanders.failures == [], bystanders.failures[:5]
+    health = sorted(bystanders.health_ms)
+    print(
+        f"bystanders: {bystanders.calls} valid calls, health checks p50 {health[len(health) // 2]:.1f} ms, "
+        f"max {health[-1]:.1f} ms over {len(health)}"
+    )
+    # A health check waiting behind a blocked event loop took seconds (a 6300^2 decode: 3.9 s).
+    assert health[-1] < 1000, f"a health check took {health[-1]:.0f} ms during fuzzing"
+    if bystanders.rss_after_warmup:
+        servers = {"classify": classify_server, "restore": restore_server, "generate": generate_server}
+        for name, server in servers.items():
+            end = min(rss_kb(server.proc.pid) for _ in range(3) if time.sleep(0.2) is None)
+            start = bystanders.rss_after_warmup[name]
+            print(f"{name}: RSS {start // 1024} MiB after warm-up, {end // 1024} MiB after fuzzing")
+            assert end < start * 1.10, f"{name} RSS grew {end / start - 1:.1%} during fuzzing"
     check_alive(channels["classify"], "/nnserve.v1.ClassifyService/Classify", GOOD_CLASSIFY)
     good_restore = restore_pb2.RestoreRequest(
         tensor=tensor_message(np.zeros((1, 28, 28), np.uint8))

@@ -9,10 +9,11 @@ from prometheus_client import CollectorRegistry
 from services.classify.model import ClassifierModel
 from services.classify.servicer import ClassifyServicer
 from services.core import oip
+from services.core.dataplane import DataPlane
 from services.core.deployment import ModelSlot
+from services.core.entrypoint import main as service_main
 from services.core.metrics import Metrics
 from services.core.server import Service
-from services.core.server import main as service_main
 from services.core.settings import ClassifySettings
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 
@@ -26,20 +27,19 @@ def build(settings: ClassifySettings, registry: CollectorRegistry | None = None)
         settings,
         settings.model_name,
         metrics,
-        lambda manifest: ClassifierModel(manifest, settings.max_images_per_request, settings.max_request_pixels),
+        lambda manifest, runtime: ClassifierModel(
+            manifest, settings.max_images_per_request, settings.max_request_pixels
+        ),
         settings.model_version,
     )
-    current = slot.current
-    service = Service(
-        name="classify",
-        metrics=metrics,
-        batchers=[slot],
-        slots=[slot],
-        models={current.manifest.name: str(current.number)},
+    service = Service(name="classify", metrics=metrics, slots=[slot])
+    plane = DataPlane(service.slots)
+    service.add_servicer(
+        classify_pb2_grpc.add_ClassifyServiceServicer_to_server,
+        ClassifyServicer(plane, settings.model_name, settings.default_top_k),
+        SERVICE_NAME,
     )
-    servicer = ClassifyServicer(slot, settings.default_top_k)
-    service.add_servicer(classify_pb2_grpc.add_ClassifyServiceServicer_to_server, servicer, SERVICE_NAME)
-    oip_servicer = oip.InferenceServicer([oip.HostedModel(slot)], settings.max_images_per_request)
+    oip_servicer = oip.InferenceServicer(plane, settings.max_images_per_request)
     service.add_servicer(oip.add_to_server, oip_servicer, oip.SERVICE_NAME)
     return service
 

@@ -6,33 +6,31 @@ from grpc import aio
 
 from services.classify.model import ClassifierModel
 from services.core.convert import deadline_of, tensor_input
-from services.core.deployment import ModelSlot
-from services.core.errors import ModelNotFound
+from services.core.dataplane import DataPlane
 from services.core.images import off_loop
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 
 
 class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
-    def __init__(self, slot: ModelSlot[ClassifierModel], default_top_k: int) -> None:
-        self.slot = slot
+    def __init__(self, plane: DataPlane, model_name: str, default_top_k: int) -> None:
+        self.plane = plane
+        self.model_name = model_name
         self.default_top_k = default_top_k
 
     async def Classify(
         self, request: classify_pb2.ClassifyRequest, context: aio.ServicerContext
     ) -> classify_pb2.ClassifyResponse:
-        deployment = self.slot.current  # one version for the whole request, even across a reload
-        model, version = deployment.view, deployment.number
-        if request.model_version and request.model_version != version:
-            raise ModelNotFound(
-                f"model_version: {request.model_version} is not served here (serving version {version})"
-            )
+        # One version for the whole request, even across a reload.
+        deployment = self.plane.deployment(self.model_name, request.model_version)
+        model: ClassifierModel = deployment.view
+        version = deployment.version
         k = model.top_k(request.top_k, self.default_top_k)
         tensor = tensor_input(request.tensor) if request.HasField("tensor") else None
         if request.images:
             batch = await off_loop(model.batch, list(request.images), tensor)
         else:  # raw tensors cost microseconds: a thread hop would cost more than it saves
             batch = model.batch([], tensor)
-        outputs = await deployment.batcher.submit({model.input_name: batch}, deadline_of(context))
+        outputs = await self.plane.infer(deployment, {model.input_name: batch}, deadline_of(context))
         result = model.postprocess(outputs[model.output_name], k)
         labels = model.labels
         response = classify_pb2.ClassifyResponse(model_name=model.manifest.name, model_version=version)

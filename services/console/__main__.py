@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from services.console.app import build_app
 from services.console.settings import ConsoleSettings
+from services.core.entrypoint import configure_logging
 from services.core.metrics import serve_metrics
-from services.core.server import configure_logging
 from services.core.settings import add_settings_arguments, settings_from_args
 
 log = logging.getLogger(__name__)

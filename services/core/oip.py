@@ -8,7 +8,6 @@ batcher's counters, which are updated at the same points as the Prometheus metri
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -17,8 +16,8 @@ import numpy as np
 from grpc import aio
 
 from services.core.convert import deadline_of
-from services.core.deployment import Deployment, ModelSlot, StaticSlot
-from services.core.errors import InvalidInput, ModelNotFound, shorten
+from services.core.dataplane import DataPlane
+from services.core.errors import InvalidInput, shorten
 from services.core.manifest import Manifest, TensorSpec
 from services.proto.inference import grpc_service_pb2 as pb
 from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -60,25 +59,6 @@ BY_MANIFEST = {
     "float16": "FP16",
     "float32": "FP32",
 }
-
-
-class HostedModel:
-    """One model this process serves over OIP: whatever version its slot holds right now."""
-
-    def __init__(self, slot: ModelSlot[Any] | StaticSlot[Any]) -> None:
-        self.slot = slot
-
-    @property
-    def deployment(self) -> Deployment[Any]:
-        return self.slot.current
-
-    @property
-    def name(self) -> str:
-        return self.slot.current.manifest.name
-
-    @property
-    def version(self) -> str:
-        return str(self.slot.current.number)
 
 
 def _spec_dtype(spec: TensorSpec) -> _DType:
@@ -167,8 +147,8 @@ def _duration(count: int, ns: int) -> pb.StatisticDuration:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService for the models of one service process (one version each)."""
 
-    def __init__(self, models: Iterable[HostedModel], max_rows: int, server_name: str = "nnserve") -> None:
-        self.models = {m.name: m for m in models}
+    def __init__(self, plane: DataPlane, max_rows: int, server_name: str = "nnserve") -> None:
+        self.plane = plane
         self.max_rows = max_rows
         self.server_name = server_name
         try:
@@ -176,26 +156,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except metadata.PackageNotFoundError:
             self.server_version = "0+unknown"
 
-    def _model(self, name: str, version: str) -> HostedModel:
-        model = self.models.get(name)
-        if model is None:
-            raise ModelNotFound(f"model_name: unknown model {shorten(name)} (served here: {sorted(self.models)})")
-        if version and version != model.version:
-            raise ModelNotFound(
-                f"model_version: model {shorten(name)} has no version {shorten(version)} here (serving {model.version})"
-            )
-        return model
-
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=all(m.deployment.batcher.accepting for m in self.models.values()))
+        return pb.ServerReadyResponse(ready=self.plane.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
-        model = self.models.get(request.name)
-        ready = model is not None and request.version in ("", model.version) and model.deployment.batcher.accepting
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=self.plane.ready(request.name, request.version))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
@@ -205,19 +173,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        deployment = self._model(request.name, request.version).deployment
+        deployment = self.plane.deployment(request.name, request.version)
         manifest = deployment.manifest
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=manifest.name,
-            versions=[str(deployment.number)],
+            versions=[str(deployment.version)],
             platform=PLATFORM,
             inputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in manifest.inputs],
             outputs=[tm(name=s.name, datatype=_spec_dtype(s).name, shape=s.shape) for s in manifest.outputs],
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext) -> pb.ModelConfigResponse:
-        deployment = self._model(request.name, request.version).deployment
+        deployment = self.plane.deployment(request.name, request.version)
         model, batcher = deployment.manifest, deployment.batcher
         gpu = deployment.runtime.provider.startswith(("CUDA", "Tensorrt"))
         config = config_pb.ModelConfig(
@@ -248,13 +216,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        models = [self._model(request.name, request.version)] if request.name else list(self.models.values())
+        if request.name:
+            deployments = [self.plane.deployment(request.name, request.version)]
+        else:
+            deployments = [self.plane.deployment(name) for name in self.plane.names]
         reply = pb.ModelStatisticsResponse()
-        for model in models:
-            s = model.deployment.batcher.stats
+        for deployment in deployments:
+            s = deployment.batcher.stats
             reply.model_stats.add(
-                name=model.name,
-                version=model.version,
+                name=deployment.name,
+                version=str(deployment.version),
                 last_inference=s.last_inference_ms,
                 inference_count=s.rows,
                 execution_count=s.batches,
@@ -274,7 +245,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return reply
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
-        deployment = self._model(request.model_name, request.model_version).deployment
+        deployment = self.plane.deployment(request.model_name, request.model_version)
         model = deployment.manifest
         inputs = decode_inputs(request, model, self.max_rows)
         declared = [s.name for s in model.outputs]
@@ -284,9 +255,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput(
                     f"outputs[{i}]", f"model {model.name} has no output {shorten(name)} (outputs: {declared})"
                 )
-        outputs = await deployment.batcher.submit(inputs, deadline_of(context))
+        outputs = await self.plane.infer(deployment, inputs, deadline_of(context))
         specs = {s.name: s for s in model.outputs}
-        reply = pb.ModelInferResponse(model_name=model.name, model_version=str(deployment.number), id=request.id)
+        reply = pb.ModelInferResponse(model_name=model.name, model_version=str(deployment.version), id=request.id)
         for name in wanted:
             array = np.ascontiguousarray(outputs[name])
             reply.outputs.add(name=name, datatype=_spec_dtype(specs[name]).name, shape=array.shape)

@@ -7,13 +7,14 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from grpc import aio
 
 from services.core.continuous import StepBatcher
 from services.core.convert import deadline_of, tensor_message
-from services.core.deployment import ModelSlot
+from services.core.deployment import Deployment, ModelSlot
 from services.core.errors import InvalidInput, ModelNotFound, OutOfRange
 from services.core.images import encode_png, off_loop
 from services.core.manifest import Manifest
@@ -39,9 +40,11 @@ def _check_enum(value: int, enum: object, field: str) -> None:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request resolved once: which generator, the labels, the seed and its random stream."""
+    """A request resolved once: the generator's deployment (one version throughout), the labels,
+    the seed and its random stream."""
 
     kind: str
+    deployment: Deployment[Any]
     labels: np.ndarray
     seed: int
     rng: np.random.Generator
@@ -56,7 +59,7 @@ class GanView:
     output: str
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> GanView:
+    def from_manifest(cls, manifest: Manifest, runtime: object = None) -> GanView:
         extra = manifest.extra
         return cls(
             int(extra["latent_dim"]),
@@ -65,28 +68,36 @@ class GanView:
         )
 
 
-@dataclass
-class DiffusionBackend:
-    name: str
-    version: int
-    batcher: StepBatcher
+@dataclass(frozen=True)
+class DiffusionView:
+    """A diffusion denoiser as the service runs it: its schedule, and the step batcher that runs
+    every sampling request's steps over the deployment's session (a worker of the deployment, so
+    it is started, drained and replaced on reload with it)."""
+
     schedule: DiffusionSchedule
+    stepper: StepBatcher
+
+    @property
+    def workers(self) -> list[StepBatcher]:
+        return [self.stepper]
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
     def __init__(
-        self, gan: ModelSlot[GanView] | None, diffusion: DiffusionBackend | None, max_count: int, max_step_rows: int
+        self,
+        gan: ModelSlot[GanView] | None,
+        diffusion: ModelSlot[DiffusionView] | None,
+        max_count: int,
+        max_step_rows: int,
     ) -> None:
         self.gan = gan
         self.diffusion = diffusion
         self.max_count = max_count
         self.max_step_rows = max_step_rows
 
-    def _diffusion_job(
-        self, request: generate_pb2.GenerateRequest, labels: np.ndarray, rng: np.random.Generator
-    ) -> DiffusionJob:
-        assert self.diffusion is not None
-        schedule = self.diffusion.schedule
+    def _diffusion_job(self, request: generate_pb2.GenerateRequest, prepared: Prepared) -> DiffusionJob:
+        labels, rng = prepared.labels, prepared.rng
+        schedule = prepared.deployment.view.schedule
         options = request.diffusion
         total = schedule.num_train_steps
         steps = options.steps or DEFAULT_STEPS
@@ -117,19 +128,17 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         _check_enum(request.diffusion.sampler, generate_pb2.Sampler, "diffusion.sampler")
         model = request.model or generate_pb2.GENERATOR_MODEL_GAN
         kind = "gan" if model == generate_pb2.GENERATOR_MODEL_GAN else "diffusion"
-        backend = self.gan if kind == "gan" else self.diffusion
-        if backend is None:
+        slot: ModelSlot[Any] | None = self.gan if kind == "gan" else self.diffusion
+        if slot is None:
             raise ModelNotFound(f"model: the {kind} generator is not served here")
+        deployment = slot.current  # one version for the whole request, even across a reload
         count = check_count(request.count, self.max_count)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         rng = np.random.default_rng(seed)
-        if self.gan is not None and kind == "gan":
-            classes = self.gan.current.view.num_classes
-        else:
-            assert self.diffusion is not None  # checked above
-            classes = self.diffusion.schedule.num_classes
+        view = deployment.view
+        classes = view.num_classes if kind == "gan" else view.schedule.num_classes
         labels = resolve_labels(list(request.labels), count, classes, rng)
-        return Prepared(kind, labels, seed, rng)
+        return Prepared(kind, deployment, labels, seed, rng)
 
     def _response(
         self,
@@ -154,8 +163,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
     async def _gan(
         self, request: generate_pb2.GenerateRequest, prepared: Prepared, context: aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
-        assert self.gan is not None
-        gan = self.gan.current
+        gan = prepared.deployment
         inputs = gan_inputs(prepared.labels, gan.view.latent_dim, prepared.rng)
         outputs = await gan.batcher.submit(inputs, deadline_of(context))
         return await off_loop(
@@ -165,21 +173,15 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             prepared.labels,
             prepared.seed,
             gan.manifest.name,
-            gan.number,
+            gan.version,
         )
 
     async def _diffusion_result(
         self, request: generate_pb2.GenerateRequest, prepared: Prepared, job: DiffusionJob
     ) -> generate_pb2.GenerateResponse:
-        assert self.diffusion is not None
+        deployment = prepared.deployment
         return await off_loop(
-            self._response,
-            request,
-            job.images(),
-            prepared.labels,
-            prepared.seed,
-            self.diffusion.name,
-            self.diffusion.version,
+            self._response, request, job.images(), prepared.labels, prepared.seed, deployment.name, deployment.version
         )
 
     async def Generate(
@@ -188,9 +190,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         prepared = self._prepare(request)
         if prepared.kind == "gan":
             return await self._gan(request, prepared, context)
-        assert self.diffusion is not None
-        job = self._diffusion_job(request, prepared.labels, prepared.rng)
-        await self.diffusion.batcher.run(job, deadline_of(context))
+        job = self._diffusion_job(request, prepared)
+        await prepared.deployment.view.stepper.run(job, deadline_of(context))
         return await self._diffusion_result(request, prepared, job)
 
     async def GenerateStream(
@@ -201,8 +202,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             yield generate_pb2.GenerateEvent(progress=generate_pb2.GenerateProgress(step=1, total_steps=1))
             yield generate_pb2.GenerateEvent(result=await self._gan(request, prepared, context))
             return
-        assert self.diffusion is not None
-        job = self._diffusion_job(request, prepared.labels, prepared.rng)
+        job = self._diffusion_job(request, prepared)
         total = len(job.steps)
         every = request.diffusion.preview_every
         # Bounded, newest-wins buffers between the sampler (which never waits for this reader) and
@@ -219,7 +219,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                     del previews[min(previews)]
             ready.set()
 
-        task = asyncio.ensure_future(self.diffusion.batcher.run(job, deadline_of(context), on_step))
+        task = asyncio.ensure_future(prepared.deployment.view.stepper.run(job, deadline_of(context), on_step))
         try:
             while not task.done() or steps:
                 if not steps:

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from services.core import oip
+from services.core.dataplane import DataPlane
 from services.core.deployment import ModelSlot
+from services.core.entrypoint import main as service_main
 from services.core.metrics import Metrics
 from services.core.server import Service
-from services.core.server import main as service_main
 from services.core.settings import RestoreSettings
 from services.proto.nnserve.v1 import restore_pb2, restore_pb2_grpc
 from services.restore.model import RestorerModel
@@ -26,19 +27,15 @@ def build(settings: RestoreSettings, registry: CollectorRegistry | None = None) 
         settings,
         settings.model_name,
         metrics,
-        lambda manifest: RestorerModel(manifest, settings.max_images_per_request, settings.max_request_pixels),
+        lambda manifest, runtime: RestorerModel(manifest, settings.max_images_per_request, settings.max_request_pixels),
         settings.model_version,
     )
-    current = slot.current
-    service = Service(
-        name="restore",
-        metrics=metrics,
-        batchers=[slot],
-        slots=[slot],
-        models={current.manifest.name: str(current.number)},
+    service = Service(name="restore", metrics=metrics, slots=[slot])
+    plane = DataPlane(service.slots)
+    service.add_servicer(
+        restore_pb2_grpc.add_RestoreServiceServicer_to_server, RestoreServicer(plane, settings.model_name), SERVICE_NAME
     )
-    service.add_servicer(restore_pb2_grpc.add_RestoreServiceServicer_to_server, RestoreServicer(slot), SERVICE_NAME)
-    oip_servicer = oip.InferenceServicer([oip.HostedModel(slot)], settings.max_images_per_request)
+    oip_servicer = oip.InferenceServicer(plane, settings.max_images_per_request)
     service.add_servicer(oip.add_to_server, oip_servicer, oip.SERVICE_NAME)
     return service
 

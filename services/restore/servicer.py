@@ -5,36 +5,35 @@ from __future__ import annotations
 from grpc import aio
 
 from services.core.convert import deadline_of, tensor_input, tensor_message
-from services.core.deployment import ModelSlot
-from services.core.errors import InvalidInput, ModelNotFound
+from services.core.dataplane import DataPlane
+from services.core.errors import InvalidInput
 from services.core.images import encode_png, off_loop
 from services.proto.nnserve.v1 import restore_pb2, restore_pb2_grpc
 from services.restore.model import Restored, RestorerModel
 
 
 class RestoreServicer(restore_pb2_grpc.RestoreServiceServicer):
-    def __init__(self, slot: ModelSlot[RestorerModel]) -> None:
-        self.slot = slot
+    def __init__(self, plane: DataPlane, model_name: str) -> None:
+        self.plane = plane
+        self.model_name = model_name
 
     async def Restore(
         self, request: restore_pb2.RestoreRequest, context: aio.ServicerContext
     ) -> restore_pb2.RestoreResponse:
-        deployment = self.slot.current  # one version for the whole request, even across a reload
-        model, version = deployment.view, deployment.number
+        # One version for the whole request, even across a reload.
+        deployment = self.plane.deployment(self.model_name, request.model_version)
+        model: RestorerModel = deployment.view
+        version = deployment.version
         if request.output not in restore_pb2.RestoreOutput.values():
             known = ", ".join(restore_pb2.RestoreOutput.keys())
             raise InvalidInput("output", f"unknown value {request.output} (known: {known})")
-        if request.model_version and request.model_version != version:
-            raise ModelNotFound(
-                f"model_version: {request.model_version} is not served here (serving version {version})"
-            )
         tensor = tensor_input(request.tensor) if request.HasField("tensor") else None
         mask_tensor = tensor_input(request.mask_tensor) if request.HasField("mask_tensor") else None
         if request.images or request.masks:
             inputs = await off_loop(model.batch, list(request.images), tensor, list(request.masks), mask_tensor)
         else:  # raw tensors cost microseconds: a thread hop would cost more than it saves
             inputs = model.batch([], tensor, [], mask_tensor)
-        outputs = await deployment.batcher.submit(inputs, deadline_of(context))
+        outputs = await self.plane.infer(deployment, inputs, deadline_of(context))
         result = model.postprocess(inputs[model.image_input], outputs[model.output_name])
         as_tensor = request.output == restore_pb2.RESTORE_OUTPUT_TENSOR
         if as_tensor:

@@ -1,0 +1,263 @@
+"""The one interceptor every call passes: authentication, drain, error mapping and metrics.
+
+Domain errors (:mod:`services.core.errors`) become gRPC status codes here and nowhere else; an
+unexpected exception becomes INTERNAL with a generic message and a full log line. Unary and
+streaming methods go through the same :class:`_Call` guard, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health
+
+from services.core import errors
+from services.core.batching import DEADLINE_SLACK_S
+from services.core.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[errors.NnserveError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+# A status message travels in trailing metadata, which gRPC caps (8 KiB by default): longer
+# messages would turn the reply into RESOURCE_EXHAUSTED. Echoed input is shortened where it is
+# formatted (errors.shorten); this is the last line of defence.
+MAX_MESSAGE_CHARS = 2000
+# For this long before the listener closes, calls refused while draining wait for the close to be
+# answered (see ServerInterceptor.refuse).
+HOLD_BEFORE_CLOSE_S = 0.2
+# Label value for calls to methods no servicer registered: one series, whatever the path.
+UNKNOWN_METHOD = "unknown"
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and client-visible message for an exception."""
+    for cls in type(exc).__mro__:
+        code = _STATUS.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code, _clip(str(exc))
+    if isinstance(exc, errors.NnserveError):
+        return grpc.StatusCode.INTERNAL, _clip(str(exc))
+    return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 20] + f"...({len(message)} chars)"
+
+
+class ServerInterceptor(aio.ServerInterceptor):
+    """Wraps every method handler once (cached per method) with error mapping and metrics."""
+
+    def __init__(self, metrics: Metrics, token: str | None = None, exempt: tuple[str, ...] = ()) -> None:
+        self._metrics = metrics
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._exempt = exempt
+        # Set at shutdown: new calls are refused with UNAVAILABLE (health still answers) while
+        # in-flight ones finish, so clients move to another replica before the listener closes.
+        self.draining = False
+        # Set for the last moments before the listener closes: refused calls are held, and answered
+        # UNAVAILABLE only once the close has begun (see GrpcServer.stop).
+        self.holding = False
+        self._closing = asyncio.Event()
+        # Wrapped handlers of registered methods only: a cache keyed by whatever path a client
+        # sends would grow without bound.
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._unknown = grpc.unary_unary_rpc_method_handler(self._unknown_method)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return self._unknown
+        wrapped = self._wrap(method.lstrip("/"), handler)
+        self._handlers[method] = wrapped
+        return wrapped
+
+    async def refuse(self, context: aio.ServicerContext) -> None:
+        """Answer a call that arrived while draining with UNAVAILABLE (raises).
+
+        Close to the close, the answer waits for it: gRPC cancels (CANCELLED, not UNAVAILABLE) every
+        call that reached it but not yet the application when the server shuts down, so a client
+        must not have a call in transit at that moment. A closed-loop client whose call is held
+        here has none; it gets UNAVAILABLE during the grace period and reconnects elsewhere.
+        """
+        if self.holding and not self._closing.is_set():
+            remaining = context.time_remaining()
+            wait = None if remaining is None else max(0.0, remaining - DEADLINE_SLACK_S)
+            try:
+                await asyncio.wait_for(self._closing.wait(), wait)
+            except TimeoutError:
+                pass
+        raise errors.Unavailable("server is shutting down; retry on another replica")
+
+    def closing(self) -> None:
+        """The listener is closing: release held calls."""
+        self._closing.set()
+
+    async def _unknown_method(self, request: Any, context: aio.ServicerContext) -> Any:
+        """A method no servicer registered: authenticate first, so paths cannot be probed without a token."""
+        code = grpc.StatusCode.UNIMPLEMENTED
+        message = "method not found on this server"
+        if self._expected is not None and not self._authorized(context):
+            code, message = grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
+        self._count(UNKNOWN_METHOD, code.name, 0.0)
+        await context.abort(code, message)
+
+    def _count(self, method: str, code: str, started: float) -> None:
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._metrics.requests.labels(self._metrics.service, method, code)
+            self._counters[(method, code)] = counter
+        counter.inc()
+
+    def _authorized(self, context: aio.ServicerContext) -> bool:
+        """Constant-time comparison of the call's bearer token with the configured one."""
+        assert self._expected is not None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        guard = _Guard(self, method)
+        # Unary requests are parsed here rather than by gRPC, so that bytes that are not the
+        # request message get INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing".
+        deserialize = handler.request_deserializer
+
+        def parse(raw: Any) -> Any:
+            if deserialize is None or not isinstance(raw, bytes):
+                return raw
+            try:
+                return deserialize(raw)
+            except Exception:
+                raise errors.InvalidInput(
+                    "request", f"{len(raw)} bytes that do not parse as the request message"
+                ) from None
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+                async with _Call(guard, context) as call:
+                    await call.admit()
+                    return await inner_uu(parse(request), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
+
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            streaming_request = handler.stream_stream is not None
+            inner_s = handler.stream_stream if streaming_request else handler.unary_stream
+
+            async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                async with _Call(guard, context) as call:
+                    await call.admit()
+                    result = inner_s(request if streaming_request else parse(request), context)
+                    if hasattr(result, "__aiter__"):
+                        async for item in result:
+                            yield item
+                    else:  # a coroutine that writes with context.write()
+                        await result
+
+            if streaming_request:
+                return grpc.stream_stream_rpc_method_handler(stream, deserialize, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(stream, None, handler.response_serializer)
+        return handler
+
+
+class _Guard:
+    """What one registered method's calls share: its metric children and whether it needs a token."""
+
+    def __init__(self, interceptor: ServerInterceptor, method: str) -> None:
+        metrics = interceptor._metrics
+        self.interceptor = interceptor
+        self.method = method
+        self.needs_auth = interceptor._expected is not None and not method.startswith(interceptor._exempt)
+        self.refuse_when_draining = not method.startswith(health.SERVICE_NAME + "/")
+        self.duration = metrics.request_duration.labels(metrics.service, method)
+        self.in_flight = metrics.in_flight.labels(metrics.service)
+
+
+class _Call:
+    """One call: admitted (drain, auth) first, its errors mapped and its outcome counted at the end."""
+
+    __slots__ = ("guard", "context", "started")
+
+    def __init__(self, guard: _Guard, context: aio.ServicerContext) -> None:
+        self.guard = guard
+        self.context = context
+        self.started = 0.0
+
+    async def __aenter__(self) -> _Call:
+        self.started = time.perf_counter()
+        self.guard.in_flight.inc()
+        return self
+
+    async def admit(self) -> None:
+        """Refuse the call while draining (UNAVAILABLE) or without a valid token (UNAUTHENTICATED)."""
+        guard, interceptor = self.guard, self.guard.interceptor
+        if guard.refuse_when_draining and interceptor.draining:
+            await interceptor.refuse(self.context)
+        if guard.needs_auth and not interceptor._authorized(self.context):
+            raise errors.Unauthenticated("missing or invalid bearer token")
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        guard, context = self.guard, self.context
+        code = "OK"
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, aio.AbortError):
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                return False
+            if isinstance(exc, asyncio.CancelledError):
+                # The server's copy of the deadline runs a little behind the client's (it starts
+                # when the call arrives), so a call cancelled within DEADLINE_SLACK_S of it timed out.
+                remaining = context.time_remaining()
+                timed_out = remaining is not None and remaining <= DEADLINE_SLACK_S
+                code = "DEADLINE_EXCEEDED" if timed_out else "CANCELLED"
+                return False
+            if not isinstance(exc, Exception):
+                return False
+            status_code, message = status_for(exc)
+            code = status_code.name
+            if status_code is grpc.StatusCode.INTERNAL:
+                log.error("%s failed", guard.method, exc_info=exc)
+            await context.abort(status_code, message)  # raises AbortError in place of exc
+            return False
+        finally:
+            guard.in_flight.dec()
+            guard.duration.observe(time.perf_counter() - self.started)
+            guard.interceptor._count(guard.method, code, self.started)
