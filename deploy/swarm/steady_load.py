@@ -13,8 +13,14 @@ after the disturbance.
 
 The channel is the one the README recommends for replicated services: `channel_options(round_robin=True,
 retry=True)` (round_robin over every task address, UNAVAILABLE retried with backoff, client-side
-health checking), plus a short minimum time between DNS re-resolutions so the client learns new task
-addresses within a second of losing a connection (gRPC's default waits 30 s).
+health checking), and for a client that lives through task replacements:
+
+- waitForReady in the same service config: in the moment between the last old task draining and the
+  channel reaching a new one, a call waits for a ready task (within its deadline) instead of failing
+  at once with "connections to all backends failing" (seen without it: 2 of 26,028 calls in one
+  rolling update on a loaded machine);
+- a short minimum time between DNS re-resolutions (gRPC's default is 30 s) and a short reconnect
+  backoff, so new task addresses are learnt and connected within about a second.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections import Counter
 import grpc
 import numpy as np
 
-from services.client import ClassifyClient, channel_options
+from services.client import RETRY_SERVICE_CONFIG, ClassifyClient, channel_options
 
 
 def main() -> None:
@@ -44,7 +50,16 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    options = channel_options(round_robin=True, retry=True) + [("grpc.dns_min_time_between_resolutions_ms", 1000)]
+    config = json.loads(RETRY_SERVICE_CONFIG)
+    for method in config["methodConfig"]:
+        method["waitForReady"] = True
+    options = [o for o in channel_options(round_robin=True, retry=True) if o[0] != "grpc.service_config"]
+    options += [
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.dns_min_time_between_resolutions_ms", 1000),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
     channel = grpc.insecure_channel(args.target, options=options)
     client = ClassifyClient(args.target, channel=channel)
     image = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)

@@ -8,9 +8,10 @@ and waits for every task to be healthy. The tests then, in order:
 
 - spread a load test over the two classify tasks through dns:///tasks.classify:50051 and check the
   split in Prometheus;
+- run a rolling update (`docker service update --force`, order start-first) under steady load from a
+  client with the retry policy (deploy/swarm/steady_load.py), and count failed calls;
 - scale classify to 3 and check that Prometheus scrapes the new task and that it gets its share;
-- run a rolling update (`docker service update --force`, order start-first) and kill a task's
-  container, each under steady load from a client with the retry policy, and count failed calls;
+- kill a task's container (SIGKILL) under the same load, wait for Swarm to replace it, count failures;
 - `docker stack rm` and check that no service, container, network, config or volume is left.
 
 Clients run in containers on the stack's attachable overlay network (the gRPC ports are not
@@ -224,21 +225,10 @@ def test_round_robin_spreads_calls_over_the_tasks(swarm: None) -> None:
     assert min(delta.values()) >= 0.6 * 400 / 2, delta
 
 
-def test_scaled_out_task_is_scraped_and_served(swarm: None) -> None:
-    before = up_instances("nnserve-classify")
-    docker("service", "scale", "--detach", f"{CLASSIFY}=3")
-    wait_until("3 healthy classify tasks", lambda: converged("classify", 3), 180)
-    after = wait_until("Prometheus to find the new task", lambda: (up := up_instances("nnserve-classify")) > before
-                       and len(up) == 3 and up, 60)  # fmt: skip
-    print(f"\nPrometheus scrapes classify at {sorted(after)}")
-    delta = fair_split(600, replicas=3)
-    print(f"round-robin calls per task after scaling: {delta}")
-    assert min(delta.values()) >= 0.6 * 600 / 3, delta
-
-
 def test_rolling_update_under_load_fails_no_call(swarm: None) -> None:
+    replicas = SERVICES["classify"]
     old_tasks = set(running_tasks("classify"))
-    assert len(old_tasks) == 3
+    assert len(old_tasks) == replicas
     started = time.monotonic()
     with steady_load() as report:
         docker("service", "update", "--force", "--detach", CLASSIFY)
@@ -249,12 +239,24 @@ def test_rolling_update_under_load_fails_no_call(swarm: None) -> None:
             return state if state == "completed" else None
 
         wait_until("the rolling update to complete", finished, 180)
-        wait_until("3 healthy classify tasks", lambda: converged("classify", 3), 60)
+        wait_until(f"{replicas} healthy classify tasks", lambda: converged("classify", replicas), 60)
         at_end = progress(f"{STACK}-load")
         wait_until("the load to keep flowing after the update", lambda: progress(f"{STACK}-load") >= at_end + 200, 30)
     print(f"\nrolling update under load ({time.monotonic() - started:.1f}s): {report}")
     assert not set(running_tasks("classify")) & old_tasks, "some task was not replaced"
     assert report["total"] > 0 and report["failed"] == {}, report
+
+
+def test_scaled_out_task_is_scraped_and_served(swarm: None) -> None:
+    before = up_instances("nnserve-classify")
+    docker("service", "scale", "--detach", f"{CLASSIFY}=3")
+    wait_until("3 healthy classify tasks", lambda: converged("classify", 3), 180)
+    after = wait_until("Prometheus to find the new task", lambda: (up := up_instances("nnserve-classify")) > before
+                       and len(up) == 3 and up, 60)  # fmt: skip
+    print(f"\nPrometheus scrapes classify at {sorted(after)}")
+    delta = fair_split(600, replicas=3)
+    print(f"round-robin calls per task after scaling: {delta}")
+    assert min(delta.values()) >= 0.6 * 600 / 3, delta
 
 
 def test_killed_task_is_replaced_and_no_call_fails(swarm: None) -> None:
