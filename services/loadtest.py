@@ -210,7 +210,9 @@ async def make_caller(args: argparse.Namespace, channel: grpc.aio.Channel) -> tu
 
 
 async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: int) -> Result:
-    options = channel_options(round_robin=args.round_robin)
+    # Each channel its own connection (gRPC would otherwise share one among them), so a server
+    # with several workers on one port (SO_REUSEPORT spreads connections) sees them all.
+    options = [*channel_options(round_robin=args.round_robin), ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(args.target, options=options) for _ in range(args.channels)]
     made = [await make_caller(args, c) for c in channels]
     stubs = [caller for caller, _ in made]

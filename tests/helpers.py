@@ -255,6 +255,10 @@ def start_service(module: str, repository: Path, workdir: Path, *args: str, time
         str(repository),
         "--port-file",
         str(port_file),
+        # One serving process unless a test asks for more (the default is one per CPU); a later
+        # --workers in ``args`` wins.
+        "--workers",
+        "1",
         *args,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}

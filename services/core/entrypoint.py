@@ -21,6 +21,7 @@ from services.core.credentials import bearer_token, server_credentials
 from services.core.lifecycle import serve
 from services.core.server import Service
 from services.core.settings import S, add_settings_arguments, settings_from_args
+from services.core.workers import supervise
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,23 @@ def main(
     try:
         server_credentials(settings)
         bearer_token(settings)
-        service = build(settings)
-    except (errors.ModelNotFound, errors.ModelLoadError, errors.ConfigError) as exc:
-        log.error("cannot start: %s", exc)
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(serve(service, settings, args.port_file))
+    except errors.ConfigError as exc:
+        return _cannot_start(prog, exc)
+
+    def run_worker(worker_settings: S, port_file: Path | None) -> int:
+        try:
+            service = build(worker_settings)
+        except (errors.ModelNotFound, errors.ModelLoadError, errors.ConfigError) as exc:
+            return _cannot_start(prog, exc)
+        return asyncio.run(serve(service, worker_settings, port_file))
+
+    if settings.workers > 1:
+        # Fork before anything is loaded: no gRPC, onnxruntime or event loop exists yet to copy.
+        return supervise(settings, run_worker, args.port_file)  # type: ignore[arg-type]
+    return run_worker(settings, args.port_file)
+
+
+def _cannot_start(prog: str, exc: Exception) -> int:
+    log.error("cannot start: %s", exc)
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2

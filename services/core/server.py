@@ -56,7 +56,8 @@ class GrpcServer:
         options = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Several workers share the port; otherwise a second server on it is an error, not a share.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ]
         exempt = (health.SERVICE_NAME + "/",) if settings.auth_exempt_health else ()
         self.interceptor = ServerInterceptor(service.metrics, bearer_token(settings), exempt)

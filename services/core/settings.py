@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,6 +37,13 @@ class ServiceSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to ('0.0.0.0' for all).")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP/REST server binds to ('0.0.0.0' for all).")
+    http_port: int | None = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="HTTP/REST port (OIP REST and typed routes); 0 picks a free one, unset disables it.",
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
     metrics_port: int | None = Field(
         9100, ge=0, le=65535, description="Metrics HTTP port; 0 picks a free one, unset disables it."
@@ -51,7 +58,15 @@ class ServiceSettings(BaseSettings):
         "fp32", description="Model variant to serve: fp32, or int8 (quantized, for CPUs) where the version ships one."
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime intra-op threads; 0 uses the CPUs this process may run on."
+        0,
+        ge=0,
+        description="onnxruntime intra-op threads per worker; 0 shares the CPUs this process may use among workers.",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Serving processes on the same port (SO_REUSEPORT), each with its own session and batcher; "
+        "0: one per CPU this process may use.",
     )
     allow_spinning: bool = Field(False, description="Let onnxruntime threads spin-wait between calls.")
     max_batch_size: int = Field(64, ge=1, description="Most rows the batcher merges into one model call.")
@@ -108,10 +123,15 @@ class ServiceSettings(BaseSettings):
             return token[0].strip()
         return None
 
+    @field_validator("workers")
+    @classmethod
+    def _resolve_workers(cls, value: int) -> int:
+        return value or available_cpus()
+
     @property
     def threads(self) -> int:
-        """Effective intra-op thread count."""
-        return self.intra_op_threads or available_cpus()
+        """Effective intra-op thread count of each worker."""
+        return self.intra_op_threads or max(1, available_cpus() // self.workers)
 
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -123,6 +143,7 @@ class ClassifySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NNSERVE_CLASSIFY_", extra="forbid", protected_namespaces=())
 
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9101, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("classifier", description="Model in the repository to serve.")
     max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
@@ -166,6 +187,7 @@ class RestoreSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NNSERVE_RESTORE_", extra="forbid", protected_namespaces=())
 
     port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int | None = Field(8002, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9102, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("autoencoder", description="Model in the repository to serve.")
     max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
@@ -183,6 +205,7 @@ class GenerateSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NNSERVE_GENERATE_", extra="forbid", protected_namespaces=())
 
     port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int | None = Field(8003, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9103, ge=0, le=65535, description="Metrics HTTP port.")
     gan_model: str = Field("gan_generator", description="GAN generator in the repository ('' to disable).")
     diffusion_model: str = Field(
