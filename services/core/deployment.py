@@ -139,6 +139,9 @@ class ModelSlot(Generic[V]):
             self.metrics.service, resolved.name, str(resolved.version), runtime.provider, resolved.precision
         ).set(1)
         log.info("serving %s/%d in %s on %s", resolved.name, resolved.version, resolved.precision, runtime.provider)
+        if resolved.precision != "fp32" and runtime.provider != "CPUExecutionProvider":
+            # QDQ int8 graphs pay off on CPUs (VNNI kernels); a GPU provider runs fp32 better.
+            log.warning("%s precision is meant for CPUs; on %s serve fp32", resolved.precision, runtime.provider)
         return Deployment(resolved, runtime, batcher, view)
 
     # The server starts and drains slots like any worker.
