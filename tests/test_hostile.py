@@ -422,3 +422,16 @@ def test_generation_admission_keeps_admitted_jobs_within_their_deadlines() -> No
     assert all("deadline" in message for message in refused)
     assert max(finished) < 2.0, f"an admitted job took {max(finished):.2f} s against a 2 s deadline"
     assert per_row > 0.0015
+
+
+def test_step_scheduling_is_a_pure_function_of_the_queue() -> None:
+    from services.core.continuous import admissible, select
+
+    assert admissible([4, 4, 8, 1], rows_in_flight=0, max_rows_in_flight=10) == 2  # FIFO: the 1 waits behind 8
+    assert admissible([20], rows_in_flight=0, max_rows_in_flight=10) == 0
+    assert select([4, 4, 4], turn=0, max_rows_per_call=8, share=True) == [0, 1]
+    assert select([4, 4, 4], turn=1, max_rows_per_call=8, share=True) == [1, 2]
+    assert select([4, 4, 4], turn=2, max_rows_per_call=8, share=True) == [2, 0]
+    assert select([20, 4], turn=0, max_rows_per_call=8, share=True) == [0]  # always at least one
+    assert select([4, 4], turn=1, max_rows_per_call=8, share=False) == [1]
+    assert select([], turn=5, max_rows_per_call=8, share=True) == []

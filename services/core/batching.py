@@ -82,6 +82,26 @@ class BatchStats:
     last_inference_ms: int = 0
     by_batch_size: dict[int, list[int]] = field(default_factory=dict)
 
+    def record_execution(self, rows: int, seconds: float, metrics: ModelMetrics | None) -> None:
+        """One successful model call of ``rows`` rows: the statistics and the Prometheus metrics,
+        in one place for every batcher."""
+        ns = int(seconds * 1e9)
+        self.compute_count += 1
+        self.compute_ns += ns
+        self.rows += rows
+        self.batches += 1
+        self.last_inference_ms = int(time.time() * 1000)
+        per_size = self.by_batch_size.get(rows)
+        if per_size is None:
+            per_size = self.by_batch_size[rows] = [0, 0]
+        per_size[0] += 1
+        per_size[1] += ns
+        if metrics:
+            metrics.inference_duration.observe(seconds)
+            metrics.batch_size.observe(rows)
+            metrics.rows.inc(rows)
+            metrics.batches.inc()
+
 
 @dataclass(eq=False)
 class _Request:
@@ -223,27 +243,11 @@ class DynamicBatcher:
         return outputs
 
     def _account(self, rows: int, requests: int, started: float, finished: float, enqueued: list[float]) -> None:
-        """Statistics and metrics of one successful model call (batch statistics in one place)."""
+        """Statistics and metrics of one successful model call and the requests it served."""
         stats = self.stats
-        compute_ns = int((finished - started) * 1e9)
-        stats.compute_count += 1
-        stats.compute_ns += compute_ns
-        stats.rows += rows
-        stats.batches += 1
-        stats.last_inference_ms = int(time.time() * 1000)
-        per_size = stats.by_batch_size.get(rows)
-        if per_size is None:
-            per_size = stats.by_batch_size[rows] = [0, 0]
-        per_size[0] += 1
-        per_size[1] += compute_ns
+        stats.record_execution(rows, finished - started, self._metrics)
         stats.success_count += requests
         stats.success_ns += sum(int((finished - t) * 1e9) for t in enqueued)
-        m = self._metrics
-        if m:
-            m.inference_duration.observe(finished - started)
-            m.batch_size.observe(rows)
-            m.rows.inc(rows)
-            m.batches.inc()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -55,6 +55,39 @@ class IterativeJob(Protocol):
     def inputs(self) -> dict[str, np.ndarray]: ...
 
     def advance(self, output: np.ndarray) -> None: ...
+
+
+def admissible(waiting_rows: Sequence[int], rows_in_flight: int, max_rows_in_flight: int) -> int:
+    """How many of the waiting jobs (oldest first, rows each) to admit now: FIFO, while rows fit."""
+    count = 0
+    for rows in waiting_rows:
+        if rows_in_flight + rows > max_rows_in_flight:
+            break
+        rows_in_flight += rows
+        count += 1
+    return count
+
+
+def select(active_rows: Sequence[int], turn: int, max_rows_per_call: int, share: bool) -> list[int]:
+    """Which active jobs (by index; rows each) go into the next call.
+
+    Starting at a position that rotates with ``turn`` (so no job is always last), every job whose
+    rows still fit, and always at least one; with ``share`` off, exactly one.
+    """
+    if not active_rows:
+        return []
+    start = turn % len(active_rows)
+    order = [*range(start, len(active_rows)), *range(start)]
+    if not share:
+        return order[:1]
+    chosen: list[int] = []
+    rows = 0
+    for index in order:
+        if rows + active_rows[index] > max_rows_per_call and chosen:
+            continue
+        chosen.append(index)
+        rows += active_rows[index]
+    return chosen
 
 
 def _remaining_calls(job: IterativeJob) -> int:
@@ -206,7 +239,8 @@ class StepBatcher:
         raise Overloaded(message)
 
     def _admit(self) -> None:
-        while self._waiting and self._rows_in_flight + self._waiting[0].job.rows <= self.max_rows_in_flight:
+        count = admissible([e.job.rows for e in self._waiting], self._rows_in_flight, self.max_rows_in_flight)
+        for _ in range(count):
             entry = self._waiting.popleft()
             if self._metrics:
                 self._metrics.queue_depth.dec()
@@ -251,22 +285,10 @@ class StepBatcher:
                 self._retire(entry, DeadlineExpired(f"deadline expired after step {getattr(entry.job, 'index', '?')}"))
 
     def _select(self) -> list[_Entry]:
-        """The jobs whose rows go into this call: all that fit, starting at a rotating position."""
-        if not self._active:
-            return []
-        start = self._turn % len(self._active)
+        """The jobs whose rows go into this call (see :func:`select`)."""
+        indices = select([e.job.rows for e in self._active], self._turn, self.max_rows_per_call, self.enabled)
         self._turn += 1
-        order = self._active[start:] + self._active[:start]
-        if not self.enabled:
-            return order[:1]
-        chosen: list[_Entry] = []
-        rows = 0
-        for entry in order:
-            if rows + entry.job.rows > self.max_rows_per_call and chosen:
-                continue
-            chosen.append(entry)
-            rows += entry.job.rows
-        return chosen
+        return [self._active[i] for i in indices]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -329,20 +351,6 @@ class StepBatcher:
                 self._retire(entry)
 
     def _account(self, rows: int, elapsed: float) -> None:
-        s = self.stats
-        ns = int(elapsed * 1e9)
-        s.compute_count += 1
-        s.compute_ns += ns
-        s.rows += rows
-        s.batches += 1
-        s.last_inference_ms = int(time.time() * 1000)
+        self.stats.record_execution(rows, elapsed, self._metrics)
         per_row = elapsed / max(rows, 1)
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.8 * self.seconds_per_row + 0.2 * per_row
-        per_size = s.by_batch_size.setdefault(rows, [0, 0])
-        per_size[0] += 1
-        per_size[1] += ns
-        if self._metrics:
-            self._metrics.inference_duration.observe(elapsed)
-            self._metrics.batch_size.observe(rows)
-            self._metrics.rows.inc(rows)
-            self._metrics.batches.inc()
