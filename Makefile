@@ -32,7 +32,7 @@ TRITON_VENV ?= .venv-triton
 triton-venv: $(TRITON_VENV)/.installed
 $(TRITON_VENV)/.installed:
 	$(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/pip install -q "tritonclient[grpc]==2.50.0" "protobuf<7" numpy nvidia-cuda-runtime-cu12
+	$(TRITON_VENV)/bin/pip install -q "tritonclient[grpc,http]==2.50.0" "protobuf<7" numpy nvidia-cuda-runtime-cu12
 	touch $@
 
 test-fast: $(VENV)/.installed-all

@@ -220,6 +220,11 @@ class ServiceProcess:
     port: int
     metrics_port: int | None
     log_path: Path
+    http_port: int | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def address(self) -> str:
@@ -251,6 +256,8 @@ def start_service(module: str, repository: Path, workdir: Path, *args: str, time
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--model-repository",
         str(repository),
         "--port-file",
@@ -271,7 +278,13 @@ def start_service(module: str, repository: Path, workdir: Path, *args: str, time
             raise RuntimeError(f"{module} did not start (exit {proc.poll()}):\n{log_path.read_text()}")
         time.sleep(0.05)
     info = json.loads(port_file.read_text())
-    return ServiceProcess(proc=proc, port=info["port"], metrics_port=info["metrics_port"], log_path=log_path)
+    return ServiceProcess(
+        proc=proc,
+        port=info["port"],
+        metrics_port=info["metrics_port"],
+        log_path=log_path,
+        http_port=info.get("http_port"),
+    )
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

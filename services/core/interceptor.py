@@ -144,9 +144,17 @@ class ServerInterceptor(aio.ServerInterceptor):
         assert self._expected is not None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
+                return self.authorized(value)
         return False
+
+    def authorized(self, value: str | bytes | None) -> bool:
+        """Whether an ``authorization`` value (metadata or HTTP header) carries the token; True with auth off."""
+        if self._expected is None:
+            return True
+        if value is None:
+            return False
+        given = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+        return hmac.compare_digest(given, self._expected)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         guard = _Guard(self, method)

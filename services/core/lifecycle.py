@@ -1,6 +1,7 @@
 """A service process's life: serve until SIGTERM/SIGINT, reload on SIGHUP, report ports, drain.
 
-:func:`serve` starts the metrics endpoint and the :class:`~services.core.server.GrpcServer`, writes
+:func:`serve` starts the metrics endpoint, the :class:`~services.core.server.GrpcServer` and beside it
+the :class:`~services.core.http.HttpServer` (same loop, same servicers), writes
 the bound ports to a file once SERVING (for supervisors and tests), and on SIGTERM or SIGINT
 drains and returns 0.
 """
@@ -14,6 +15,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from services.core.http import HttpServer
 from services.core.metrics import Metrics, serve_metrics
 from services.core.server import GrpcServer, Service
 from services.core.settings import ServiceSettings
@@ -29,6 +31,12 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
         metrics_port = metrics_server.server_port
     server = GrpcServer(service, settings)
     port = await server.start()
+    http_port = None
+    if settings.http_port is not None:
+        # Started once the models are warm (server.start), so HTTP readiness never runs ahead of gRPC's.
+        http = HttpServer(service, settings, server.interceptor)
+        http_port = await http.start()
+        server.also_close.append(http.stop)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -42,11 +50,12 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info(
-        "%s serving %s on %s:%d (metrics: %s)",
+        "%s serving %s on %s:%d (HTTP: %s; metrics: %s)",
         service.name,
         ", ".join(service.service_names),
         settings.host,
         port,
+        f"http://{settings.http_host}:{http_port}/v2" if http_port else "off",
         f"http://{settings.metrics_host}:{metrics_port}/metrics" if metrics_port else "off",
     )
     if port_file is not None:
@@ -56,6 +65,7 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
                 "service": service.name,
                 "host": settings.host,
                 "port": port,
+                "http_port": http_port,
                 "metrics_port": metrics_port,
                 "models": service.models,
             },

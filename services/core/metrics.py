@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 from typing import Any
+from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,25 @@ class Metrics:
         self.in_flight = Gauge(
             "nnserve_grpc_requests_in_flight",
             "gRPC calls being handled now.",
+            ["service"],
+            registry=registry,
+        )
+        self.http_requests = Counter(
+            "nnserve_http_requests_total",
+            "HTTP requests handled, by route template (METHOD /path/{param}, or unknown) and HTTP status.",
+            ["service", "route", "code"],
+            registry=registry,
+        )
+        self.http_request_duration = Histogram(
+            "nnserve_http_request_duration_seconds",
+            "Time from receiving an HTTP request to its reply (to its last event, for a stream).",
+            ["service", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.http_in_flight = Gauge(
+            "nnserve_http_requests_in_flight",
+            "HTTP requests being handled now.",
             ["service"],
             registry=registry,
         )
@@ -167,7 +189,40 @@ class ModelMetrics:
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, Thread]:
-    """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    """Start the metrics endpoint in a daemon thread; returns (server, thread).
+
+    Only ``/metrics`` answers (prometheus_client's own server answers every path with the metrics,
+    so an HTTP health probe pointed at this port would always pass); anything else is 404.
+    """
+    server = ThreadingHTTPServer((host, port), _metrics_handler(registry))
+    server.daemon_threads = True
+    thread = Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server, thread
+
+
+def _metrics_handler(registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
+    class MetricsHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if urlsplit(self.path).path != "/metrics":
+                self._reply(404, b"not found: metrics are at /metrics\n", "text/plain; charset=utf-8")
+                return
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, encoder(registry), content_type)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.do_GET()
+
+        def _reply(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
+            pass
+
+    return MetricsHandler

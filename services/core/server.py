@@ -10,7 +10,7 @@ life are :mod:`services.core.lifecycle`'s.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,9 @@ class GrpcServer:
         reflection.enable_server_reflection(names, self.server)
         self.port = 0
         self._watchers: list[asyncio.Task[None]] = []
+        # Other listeners of this process (the HTTP server): closed with the gRPC listener, their
+        # in-flight requests given the same grace, before the model workers stop.
+        self.also_close: list[Callable[[float], Awaitable[None]]] = []
 
     async def reload(self) -> None:
         """Load the newest version of every reloadable model (SIGHUP)."""
@@ -116,6 +119,6 @@ class GrpcServer:
         stopping = asyncio.ensure_future(self.server.stop(grace))
         await asyncio.sleep(0)  # the close (GOAWAY, listener) has begun once stop() first yields
         self.interceptor.closing()
-        await stopping
+        await asyncio.gather(stopping, *(close(grace) for close in self.also_close))
         for slot in self.service.slots:
             await slot.stop()

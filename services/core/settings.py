@@ -44,6 +44,13 @@ class ServiceSettings(BaseSettings):
         le=65535,
         description="HTTP/REST port (OIP REST and typed routes); 0 picks a free one, unset disables it.",
     )
+    http_host: str = Field("127.0.0.1", description="Address the HTTP/REST server binds to ('0.0.0.0' for all).")
+    http_port: int | None = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="HTTP/REST port (OIP REST and typed routes); 0 picks a free one, unset disables it.",
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
     metrics_port: int | None = Field(
         9100, ge=0, le=65535, description="Metrics HTTP port; 0 picks a free one, unset disables it."
@@ -144,6 +151,7 @@ class ClassifySettings(ServiceSettings):
 
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
+    http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9101, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("classifier", description="Model in the repository to serve.")
     max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
@@ -188,6 +196,7 @@ class RestoreSettings(ServiceSettings):
 
     port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     http_port: int | None = Field(8002, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
+    http_port: int | None = Field(8002, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9102, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("autoencoder", description="Model in the repository to serve.")
     max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
@@ -205,6 +214,7 @@ class GenerateSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NNSERVE_GENERATE_", extra="forbid", protected_namespaces=())
 
     port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int | None = Field(8003, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     http_port: int | None = Field(8003, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9103, ge=0, le=65535, description="Metrics HTTP port.")
     gan_model: str = Field("gan_generator", description="GAN generator in the repository ('' to disable).")
