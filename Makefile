@@ -29,8 +29,8 @@ test: system-deps $(VENV)/.installed-all triton-venv
 
 # Triton's client and perf_analyzer need protobuf<7, so they get a venv of their own.
 TRITON_VENV ?= .venv-triton
-triton-venv: $(TRITON_VENV)/.installed
-$(TRITON_VENV)/.installed:
+triton-venv: $(TRITON_VENV)/.installed-http
+$(TRITON_VENV)/.installed-http:
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install -q "tritonclient[grpc,http]==2.50.0" "protobuf<7" numpy nvidia-cuda-runtime-cu12
 	touch $@
