@@ -298,12 +298,15 @@ def test_every_container_is_limited_and_unprivileged(rendered: dict[str, list[Ob
             spec = d["spec"]["template"]["spec"]
             pods.append((name, spec, spec["containers"] + spec.get("initContainers", [])))
         for r in of_kind(objects, "ClusterServingRuntime"):
-            pods.append((name, {}, r["spec"]["containers"]))
+            pods.append((name, r["spec"], r["spec"]["containers"]))
     assert pods
     for name, pod, containers in pods:
         pod_security = pod.get("securityContext", {})
+        scratch = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
         for c in containers:
             where = f"{name}: container {c['name']}"
+            # A read-only root still needs a writable /tmp: Python's tempfile has nowhere else to go.
+            assert any(m["mountPath"] == "/tmp" and m["name"] in scratch for m in c.get("volumeMounts", [])), where
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), (where, kind)
             security = {**pod_security, **c["securityContext"]}
@@ -384,6 +387,7 @@ def test_swarm_stack_matches_compose_and_the_settings(monkeypatch: pytest.Monkey
         # ${NNSERVE_IMAGE:-nnserve-serve:latest} vs compose's nnserve-serve:${NNSERVE_TAG:-latest}
         assert s["image"].split(":-", 1)[1].split(":")[0] == compose_image(), s["image"]
         assert s["command"] == compose["services"][service]["command"] and s["read_only"] is True
+        assert "/tmp" in s["tmpfs"], "the read-only root needs a writable /tmp"
         cls = settings_class(service)
         env = {k: str(v) for k, v in s["environment"].items()}
         assert set(env) - {cls.model_config["env_prefix"] + f.upper() for f in cls.model_fields} == {HEALTH_TARGET_ENV}
