@@ -87,6 +87,8 @@ def _query_fields(request: web.Request) -> dict[str, Any]:
 
 
 def _parse_into(message: Message, document: Any, where: str) -> None:
+    if not isinstance(document, dict):
+        raise InvalidInput(where, f"must be a JSON object, got {type(document).__name__}")
     try:
         json_format.ParseDict(document, message)
     except json_format.ParseError as exc:
