@@ -19,53 +19,65 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """How ``nnserve up`` starts one service, and the models it needs in the repository."""
+    """How ``nnserve up`` starts one service: its module and its settings class, which gives the
+    default ports, the settings that name repository models and the command to try."""
 
     name: str
     module: str
-    port: int
-    metrics_port: int
-    models: tuple[str, ...]
-    example: str
+    settings: Any  # the service's pydantic-settings class
+
+    def _default(self, field: str) -> Any:
+        return self.settings.model_fields[field].default
+
+    @property
+    def port(self) -> int:
+        return int(self._default("port"))
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self._default("metrics_port"))
+
+    @property
+    def model_settings(self) -> tuple[str, ...]:
+        return tuple(getattr(self.settings, "model_settings", ()))
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The repository models the service serves by default."""
+        return tuple(str(self._default(field)) for field in self.model_settings)
+
+    @property
+    def models_optional(self) -> bool:
+        return bool(getattr(self.settings, "models_optional", False))
+
+    @property
+    def example(self) -> str:
+        return str(getattr(self.settings, "try_command", "") or "open http://{address}/ in a browser")
 
 
-SERVICES = {
-    "classify": ServiceSpec(
-        "classify",
-        "services.classify",
-        50051,
-        9101,
-        ("classifier",),
-        "nnserve classify --address {address} IMAGE.png",
-    ),
-    "restore": ServiceSpec(
-        "restore",
-        "services.restore",
-        50052,
-        9102,
-        ("autoencoder",),
-        "nnserve restore --address {address} IMAGE.png --out restored/",
-    ),
-    # Starts with whichever of its two models is present.
-    "generate": ServiceSpec(
-        "generate",
-        "services.generate",
-        50053,
-        9103,
-        ("gan_generator", "diffusion_denoiser"),
-        "nnserve generate --address {address} --model gan --label 3 --count 16 --out grid.png",
-    ),
-    # The web console needs no models: it calls the three services above. Its port stays above
-    # 9000 like the others, so every --port-offset that works for them works for it.
-    "console": ServiceSpec("console", "services.console", 9080, 9104, (), "open http://{address}/ in a browser"),
-}
-OPTIONAL_MODEL_FLAGS = {"gan_generator": "--gan-model=", "diffusion_denoiser": "--diffusion-model="}
+def _specs() -> dict[str, ServiceSpec]:
+    from services.classify.settings import ClassifySettings
+    from services.console.settings import ConsoleSettings
+    from services.generate.settings import GenerateSettings
+    from services.restore.settings import RestoreSettings
+
+    return {
+        "classify": ServiceSpec("classify", "services.classify", ClassifySettings),
+        "restore": ServiceSpec("restore", "services.restore", RestoreSettings),
+        "generate": ServiceSpec("generate", "services.generate", GenerateSettings),
+        # The web console needs no models: it calls the three services above.
+        "console": ServiceSpec("console", "services.console", ConsoleSettings),
+    }
+
+
+SERVICES = _specs()
 
 
 ROUND_ROBIN_HELP = "spread calls over every address --address resolves to (dns:///host:port for replicas)"
@@ -192,11 +204,12 @@ def _up(args: argparse.Namespace) -> int:
     state = Path(tempfile.mkdtemp(prefix="nnserve-up-"))
     children: list[tuple[ServiceSpec, subprocess.Popen[bytes], Path]] = []
     for spec in wanted:
-        missing = [m for m in spec.models if m not in present]
-        if spec.models and (len(missing) == len(spec.models) or (missing and spec.name != "generate")):
-            print(f"skipping {spec.name}: no {', '.join(missing)} in {repository.root}", file=sys.stderr)
+        missing = [(field, m) for field, m in zip(spec.model_settings, spec.models, strict=True) if m not in present]
+        if spec.models and (len(missing) == len(spec.models) or (missing and not spec.models_optional)):
+            print(f"skipping {spec.name}: no {', '.join(m for _, m in missing)} in {repository.root}", file=sys.stderr)
             continue
-        extra = [OPTIONAL_MODEL_FLAGS[m] for m in missing]
+        # A service whose models are optional starts with those present; the others are switched off.
+        extra = [f"--{field.replace('_', '-')}=" for field, _ in missing]
         if spec.models:
             extra = ["--model-repository", str(repository.root), *extra]
         else:  # the console: point it at the services' ports (from the host when they bind every address)

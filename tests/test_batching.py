@@ -11,11 +11,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from services.classify.__main__ import build
+from services.classify.settings import ClassifySettings
 from services.client import tensor_message
 from services.core.batching import DynamicBatcher
 from services.core.errors import InvalidInput
 from services.core.server import GrpcServer
-from services.core.settings import ClassifySettings
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 from tests.helpers import metric_value
 

@@ -45,7 +45,8 @@ def test_serve_help_lists_settings_with_their_environment_names() -> None:
 def test_settings_come_from_flags_then_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import argparse
 
-    from services.core.settings import ClassifySettings, add_settings_arguments, settings_from_args
+    from services.classify.settings import ClassifySettings
+    from services.core.settings import add_settings_arguments, settings_from_args
 
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser, ClassifySettings)

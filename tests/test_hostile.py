@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from services.classify.settings import ClassifySettings
 from services.client import tensor_message
 from services.core.continuous import StepBatcher
 from services.core.errors import DeadlineExpired, Overloaded
 from services.core.server import GrpcServer
-from services.core.settings import ClassifySettings
 from services.proto.inference import grpc_service_pb2 as oip_pb
 from services.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from services.proto.nnserve.v1 import (
@@ -435,3 +435,29 @@ def test_step_scheduling_is_a_pure_function_of_the_queue() -> None:
     assert select([20, 4], turn=0, max_rows_per_call=8, share=True) == [0]  # always at least one
     assert select([4, 4], turn=1, max_rows_per_call=8, share=False) == [1]
     assert select([], turn=5, max_rows_per_call=8, share=True) == []
+
+
+def test_a_stream_cancelled_by_its_client_is_counted_cancelled(generate_server: ServiceProcess) -> None:
+    """A stream cancelled while the server waited to send was counted OK (its generator is closed
+    with GeneratorExit, not CancelledError)."""
+    method = "nnserve.v1.GenerateService/GenerateStream"
+
+    def cancelled() -> float:
+        return metric_value(
+            generate_server.metrics_text(), "nnserve_grpc_requests_total", method=method, code="CANCELLED"
+        )
+
+    before = cancelled()
+    request = generate_pb2.GenerateRequest(
+        model=generate_pb2.GENERATOR_MODEL_DIFFUSION,
+        count=4,
+        diffusion=generate_pb2.DiffusionOptions(sampler=generate_pb2.SAMPLER_DDPM, steps=1000, preview_every=1),
+    )
+    with grpc.insecure_channel(generate_server.address) as channel:
+        call = generate_pb2_grpc.GenerateServiceStub(channel).GenerateStream(request, timeout=60)
+        next(call)
+        call.cancel()
+    deadline = time.monotonic() + 30
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled() == before + 1

@@ -14,11 +14,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from services.classify.settings import ClassifySettings
 from services.client import ClassifyClient, RestoreClient
 from services.core.errors import ModelLoadError, ModelNotFound
 from services.core.manifest import Manifest
 from services.core.repository import ModelRepository, manifest_file
-from services.core.settings import ClassifySettings
 from tests.helpers import ROOT, metric_value, start_service
 from training import quantize
 from training.data import file_sha256

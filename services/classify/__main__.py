@@ -8,13 +8,13 @@ from prometheus_client import CollectorRegistry
 
 from services.classify.model import ClassifierModel
 from services.classify.servicer import ClassifyServicer
+from services.classify.settings import ClassifySettings
 from services.core import oip
 from services.core.dataplane import DataPlane
 from services.core.deployment import ModelSlot
 from services.core.entrypoint import main as service_main
 from services.core.metrics import Metrics
 from services.core.server import Service
-from services.core.settings import ClassifySettings
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 
 SERVICE_NAME = classify_pb2.DESCRIPTOR.services_by_name["ClassifyService"].full_name

@@ -250,7 +250,8 @@ class _Call:
                 status = context.code()
                 code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
                 return False
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                # GeneratorExit: a stream whose client went away while it waited to send.
                 # The server's copy of the deadline runs a little behind the client's (it starts
                 # when the call arrives), so a call cancelled within DEADLINE_SLACK_S of it timed out.
                 remaining = context.time_remaining()

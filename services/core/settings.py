@@ -1,4 +1,8 @@
-"""Service settings: pydantic-settings classes, one environment prefix per service.
+"""Settings every service shares: the pydantic-settings base class and the flags built from it.
+
+Each service declares its own class (``services/<name>/settings.py``) with its environment prefix,
+defaults and limits, and which settings name models in the repository, so ``nnserve up`` and the
+deployment checks read ports and models from there.
 
 Parsed once in each service's ``main()`` (from flags, then ``NNSERVE_<SERVICE>_*`` variables, then
 defaults) and passed down; nothing else in the package reads the environment.
@@ -9,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,19 +35,19 @@ def available_cpus() -> int:
 
 
 class ServiceSettings(BaseSettings):
-    """Settings every service shares. Subclasses set the environment prefix and their own limits."""
+    """Settings every service shares. Subclasses set the environment prefix and their own limits,
+    and say which of their settings name repository models (``model_settings``; with
+    ``models_optional`` the service starts with any of them, the others set to '')."""
+
+    service: ClassVar[str] = ""
+    model_settings: ClassVar[tuple[str, ...]] = ()
+    models_optional: ClassVar[bool] = False
+    try_command: ClassVar[str] = ""
 
     model_config = SettingsConfigDict(env_prefix="NNSERVE_", extra="forbid", protected_namespaces=())
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to ('0.0.0.0' for all).")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    http_host: str = Field("127.0.0.1", description="Address the HTTP/REST server binds to ('0.0.0.0' for all).")
-    http_port: int | None = Field(
-        8000,
-        ge=0,
-        le=65535,
-        description="HTTP/REST port (OIP REST and typed routes); 0 picks a free one, unset disables it.",
-    )
     http_host: str = Field("127.0.0.1", description="Address the HTTP/REST server binds to ('0.0.0.0' for all).")
     http_port: int | None = Field(
         8000,
@@ -144,26 +148,6 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=ServiceSettings)
 
 
-class ClassifySettings(ServiceSettings):
-    """Settings of the classify service (environment prefix ``NNSERVE_CLASSIFY_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="NNSERVE_CLASSIFY_", extra="forbid", protected_namespaces=())
-
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
-    http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
-    metrics_port: int | None = Field(9101, ge=0, le=65535, description="Metrics HTTP port.")
-    model_name: str = Field("classifier", description="Model in the repository to serve.")
-    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
-    max_request_pixels: int = Field(
-        64_000_000,
-        ge=1,
-        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
-        "INVALID_ARGUMENT before any decoding.",
-    )
-    default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request leaves it 0.")
-
-
 def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[ServiceSettings]) -> None:
     """One ``--kebab-case`` flag per settings field; flags override environment variables."""
     prefix = cls.model_config.get("env_prefix", "")
@@ -187,52 +171,3 @@ def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:
             value = None
         given[name] = value
     return cls(**given)
-
-
-class RestoreSettings(ServiceSettings):
-    """Settings of the restore service (environment prefix ``NNSERVE_RESTORE_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="NNSERVE_RESTORE_", extra="forbid", protected_namespaces=())
-
-    port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    http_port: int | None = Field(8002, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
-    http_port: int | None = Field(8002, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
-    metrics_port: int | None = Field(9102, ge=0, le=65535, description="Metrics HTTP port.")
-    model_name: str = Field("autoencoder", description="Model in the repository to serve.")
-    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
-    max_request_pixels: int = Field(
-        64_000_000,
-        ge=1,
-        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
-        "INVALID_ARGUMENT before any decoding.",
-    )
-
-
-class GenerateSettings(ServiceSettings):
-    """Settings of the generate service (environment prefix ``NNSERVE_GENERATE_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="NNSERVE_GENERATE_", extra="forbid", protected_namespaces=())
-
-    port: int = Field(50053, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    http_port: int | None = Field(8003, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
-    http_port: int | None = Field(8003, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
-    metrics_port: int | None = Field(9103, ge=0, le=65535, description="Metrics HTTP port.")
-    gan_model: str = Field("gan_generator", description="GAN generator in the repository ('' to disable).")
-    diffusion_model: str = Field(
-        "diffusion_denoiser", description="Diffusion denoiser in the repository ('' to disable)."
-    )
-    max_count: int = Field(64, ge=1, description="Most images one request may ask for.")
-    max_step_rows_per_request: int = Field(
-        64_000, ge=1, description="Most denoiser rows one request may need: count x steps (x2 with guidance)."
-    )
-    step_batching: bool = Field(True, description="Share each denoiser call among all sampling requests.")
-    max_rows_per_step: int = Field(256, ge=1, description="Most denoiser rows in one step-batched call.")
-    max_rows_in_flight: int = Field(1024, ge=1, description="Most denoiser rows of admitted sampling requests.")
-    max_waiting_jobs: int = Field(256, ge=1, description="Sampling requests that may wait for rows.")
-    max_job_wait_ms: float = Field(
-        5000.0,
-        ge=0.0,
-        description="Refuse new sampling requests while the oldest one waiting for rows has waited this long "
-        "(0: off). Requests with a deadline are also refused at once when the current load would make them, or "
-        "an admitted request, miss it.",
-    )

@@ -166,9 +166,14 @@ def supervise(
         start(index)
     ready = [run_dir / f"worker-{i}.json" for i in range(count)]
     while not all(p.exists() for p in ready):
-        pid, status = os.waitpid(-1, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = -1, 0
         if pid or stopping.is_set():
-            log.error("a worker exited before serving (status %s); stopping the others", status)
+            if pid:
+                workers.pop(pid, None)
+                log.error("a worker exited before serving (status %s); stopping the others", status)
             forward(signal.SIGTERM, None)
             _reap(workers)
             return 2
@@ -225,7 +230,10 @@ def _wait_ports(run_dir: Path, count: int, timeout: float = 60.0) -> list[int]:
 def _reap(workers: dict[int, int], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while workers and time.monotonic() < deadline:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
         if pid:
             workers.pop(pid, None)
         else:

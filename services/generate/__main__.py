@@ -16,9 +16,9 @@ from services.core.manifest import Manifest
 from services.core.metrics import Metrics
 from services.core.runtime import OnnxModel
 from services.core.server import Service
-from services.core.settings import GenerateSettings
 from services.generate.model import DiffusionSchedule
 from services.generate.servicer import DiffusionView, GanView, GenerateServicer
+from services.generate.settings import GenerateSettings
 from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name

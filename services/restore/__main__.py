@@ -12,10 +12,10 @@ from services.core.deployment import ModelSlot
 from services.core.entrypoint import main as service_main
 from services.core.metrics import Metrics
 from services.core.server import Service
-from services.core.settings import RestoreSettings
 from services.proto.nnserve.v1 import restore_pb2, restore_pb2_grpc
 from services.restore.model import RestorerModel
 from services.restore.servicer import RestoreServicer
+from services.restore.settings import RestoreSettings
 
 SERVICE_NAME = restore_pb2.DESCRIPTOR.services_by_name["RestoreService"].full_name
 

@@ -1,0 +1,33 @@
+"""Settings of the classify service (flags, or ``NNSERVE_CLASSIFY_*`` variables)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.core.settings import ServiceSettings
+
+
+class ClassifySettings(ServiceSettings):
+    """Settings of the classify service (environment prefix ``NNSERVE_CLASSIFY_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NNSERVE_CLASSIFY_", extra="forbid", protected_namespaces=())
+
+    service: ClassVar[str] = "classify"
+    model_settings: ClassVar[tuple[str, ...]] = ("model_name",)
+    try_command: ClassVar[str] = "nnserve classify --address {address} IMAGE.png"
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
+    metrics_port: int | None = Field(9101, ge=0, le=65535, description="Metrics HTTP port.")
+    model_name: str = Field("classifier", description="Model in the repository to serve.")
+    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
+        "INVALID_ARGUMENT before any decoding.",
+    )
+    default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request leaves it 0.")
