@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: up test test-fast system-deps protos lint train-classifier train-autoencoder train-gan train-diffusion \
+.PHONY: up test fuzz test-fast system-deps protos lint train-classifier train-autoencoder train-gan train-diffusion \
 	triton-venv bench bench-venvs images e2e-docker e2e-swarm k8s-check clean
 
 $(BIN)/python:
@@ -34,6 +34,10 @@ $(TRITON_VENV)/.installed-http:
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install -q "tritonclient[grpc,http]==2.50.0" "protobuf<7" numpy nvidia-cuda-runtime-cu12
 	touch $@
+
+# Every fuzz test at 10,000 cases (CI runs it as its own step; `make test` runs 500).
+fuzz: $(VENV)/.installed-all
+	NNSERVE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 test-fast: $(VENV)/.installed-all
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
