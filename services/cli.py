@@ -45,6 +45,12 @@ class ServiceSpec:
         return int(self._default("metrics_port"))
 
     @property
+    def http_port(self) -> int | None:
+        """The default HTTP/REST port; None for a service without one (the console is HTTP itself)."""
+        field = self.settings.model_fields.get("http_port")
+        return None if field is None or field.default is None else int(field.default)
+
+    @property
     def model_settings(self) -> tuple[str, ...]:
         return tuple(getattr(self.settings, "model_settings", ()))
 
@@ -78,6 +84,14 @@ def _specs() -> dict[str, ServiceSpec]:
 
 
 SERVICES = _specs()
+# What `nnserve up` suggests trying over HTTP (README "HTTP" has every route).
+CURL_EXAMPLES = {
+    "classify": "curl -F image=@shirt.png {url}/v1/classify",
+    "restore": "curl -H 'Content-Type: image/png' -H 'Accept: image/png' --data-binary @damaged.png "
+    "{url}/v1/restore -o restored.png",
+    "generate": "curl -H 'Accept: image/png' -H 'Content-Type: application/json' -d '{{\"count\": 16}}' "
+    "{url}/v1/generate -o grid.png",
+}
 
 
 ROUND_ROBIN_HELP = "spread calls over every address --address resolves to (dns:///host:port for replicas)"
@@ -215,6 +229,8 @@ def _up(args: argparse.Namespace) -> int:
         else:  # the console: point it at the services' ports (from the host when they bind every address)
             near = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
             extra = [f"--{s.name}-target={near}:{s.port + args.port_offset}" for s in SERVICES.values() if s.models]
+        if spec.http_port is not None:
+            extra += ["--http-port", str(spec.http_port + args.port_offset), "--http-host", args.host]
         port_file = state / f"{spec.name}.json"
         command = [
             sys.executable,
@@ -263,6 +279,9 @@ def _up(args: argparse.Namespace) -> int:
         served = f" models {models}" if spec.models else ""
         print(f"  {spec.name:<9} {where} metrics {metrics:<32}{served}".rstrip())
         print(f"  {'':<9} try: {spec.example.format(address=address)}")
+        if info.get("http_port"):
+            http = f"http://{args.host}:{info['http_port']}"
+            print(f"  {'':<9} http {http:<27} try: {CURL_EXAMPLES[spec.name].format(url=http)}")
     print("\nhealth: nnserve health ADDRESS    stop: Ctrl-C\n", flush=True)
     codes = [child.wait() for _, child, _ in children]
     return max(codes)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +76,11 @@ def _free_offset() -> int:
         try:
             from services.cli import SERVICES
 
-            for port in [p + offset for spec in SERVICES.values() for p in (spec.port, spec.metrics_port)]:
+            wanted = [(spec.port, spec.metrics_port, spec.http_port) for spec in SERVICES.values()]
+            for port in [p + offset for ports in wanted for p in ports if p is not None]:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
-        except OSError:
+        except (OSError, OverflowError):
             continue
         return offset
     raise RuntimeError("no free ports")
@@ -118,6 +121,10 @@ def test_up_starts_the_suite_and_stops_on_sigterm(tiny_repository: Path) -> None
     try:
         assert f"grpc {address}" in text and f"http://127.0.0.1:{9101 + offset}/metrics" in text, text
         assert main(["health", address]) == 0
+        http = f"http://127.0.0.1:{8001 + offset}"
+        assert f"try: curl -F image=@shirt.png {http}/v1/classify" in text, text
+        with urllib.request.urlopen(f"{http}/v2/health/ready", timeout=10) as reply:
+            assert json.loads(reply.read()) == {"ready": True}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, text
