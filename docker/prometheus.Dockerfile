@@ -9,6 +9,8 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
     && rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* \
     && mkdir -p /prometheus && chown nobody:nogroup /prometheus
+# The scrape config and its alerting rules (compose mounts the same two files over these).
+COPY docker/prometheus/prometheus.yml docker/prometheus/alerts.yml /etc/prometheus/
 USER nobody
 EXPOSE 9090
 VOLUME ["/prometheus"]
