@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -239,8 +241,82 @@ def sampler_quality(
     images = diffusion_samples(model_dir, labels, method, steps, guidance, seed, spacing)
     train, test = splits or (load_split("train"), load_split("test"))
     metrics = generative_metrics(images, labels, classifier, train, test)
-    metrics.update(sampler=method, steps=steps, guidance_scale=guidance, seed=seed, spacing=spacing or "default")
+    metrics.update(
+        sampler=method,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        spacing=spacing or ("trailing" if method == "dpmpp2m" else "leading"),
+    )
     return metrics
+
+
+SAMPLER_CARD_HEADING = "## Few-step sampling"
+
+
+def sampler_key(sampler: str, steps: int, guidance: float) -> str:
+    """Where one sampler setting's figures live under the denoiser manifest's ``metrics.samplers``."""
+    return f"{sampler}_{steps}_g{guidance:g}"
+
+
+def record_sampler(model_dir: Path, metrics: dict[str, Any], make_default: bool = False) -> None:
+    """Store one sampler's figures under ``metrics.samplers`` in the manifest and in the model card's
+    few-step section, beside the card's DDIM-50 figures (the ONNX file is untouched).
+
+    ``make_default``: also store its steps and guidance as that sampler's defaults in the service
+    (``extra.sampler_defaults``), for requests that leave them unset.
+    """
+    from services.core.manifest import Manifest
+
+    path = model_dir / "manifest.json"
+    manifest = Manifest.read(path)
+    keep = ("sampler", "steps", "spacing", "guidance_scale", "class_consistency", "domain_fid")
+    entry = {k: metrics[k] for k in (*keep, "per_class_consistency", "samples", "seed", "command")}
+    samplers = dict(manifest.metrics.get("samplers", {}))
+    samplers[sampler_key(metrics["sampler"], metrics["steps"], metrics["guidance_scale"])] = entry
+    manifest.metrics["samplers"] = samplers
+    if make_default:
+        defaults = dict(manifest.extra.get("sampler_defaults", {}))
+        defaults[metrics["sampler"]] = {"steps": metrics["steps"], "guidance_scale": metrics["guidance_scale"]}
+        manifest.extra["sampler_defaults"] = defaults
+    manifest.write(path)
+    m = manifest.metrics
+    rows = [
+        (
+            "DDIM",
+            m["steps"],
+            "leading",
+            m["guidance_scale"],
+            f"{m['class_consistency']:.2%}",
+            f"{m['domain_fid']:.2f}",
+            "(the evaluation above)",
+        )
+    ]
+    for _, r in sorted(samplers.items()):
+        label = {"dpmpp2m": "DPM-Solver++(2M)"}.get(r["sampler"], r["sampler"].upper())
+        cc, fid = f"{r['class_consistency']:.2%}", f"{r['domain_fid']:.2f}"
+        rows.append((label, r["steps"], r["spacing"], r["guidance_scale"], cc, fid, f"`{r['command']}`"))
+    from training.export import markdown_table
+
+    header = ["sampler", "steps", "spacing", "guidance", "class consistency", "domain FID", "command"]
+    defaults = manifest.extra.get("sampler_defaults", {})
+    served = "".join(
+        f"\nThe service's defaults for `{k}`: {v['steps']} steps, guidance {v['guidance_scale']}."
+        for k, v in defaults.items()
+    )
+    section = f"""{SAMPLER_CARD_HEADING}
+
+The same evaluation as above ({m["samples"]:,} samples, {m["samples"] // 10} per class, seed {entry["seed"]},
+the same x_T draws, the shipped classifier, through onnxruntime) with the service's other samplers:
+
+{markdown_table(header, rows)}
+{served}
+"""
+    card_path = model_dir / "MODEL_CARD.md"
+    card = card_path.read_text()
+    if SAMPLER_CARD_HEADING in card:
+        card = card[: card.index(SAMPLER_CARD_HEADING)]
+    card_path.write_text(card.rstrip("\n") + "\n\n" + section)
 
 
 def compare_outputs(reference: np.ndarray, other: np.ndarray, argmax: bool = False) -> dict[str, Any]:
@@ -304,14 +380,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2000, help="diffusion: images, a tenth per class")
     parser.add_argument("--spacing", default=None, help="diffusion: leading or trailing (default: the sampler's)")
     parser.add_argument("--seed", type=int, default=None, help="diffusion: default the model card's")
+    parser.add_argument("--guidance", type=float, default=None, help="diffusion: default the model card's")
+    parser.add_argument(
+        "--record", action="store_true", help="diffusion: store the figures in the manifest and the model card"
+    )
+    parser.add_argument(
+        "--make-default", action="store_true", help="diffusion: --record, and serve this sampler with these settings"
+    )
     args = parser.parse_args(argv)
     if args.model == "diffusion":
         model_dir = args.model_dir or Path("models/diffusion_denoiser/1")
         metrics = sampler_quality(
             model_dir, Path("models/classifier/1"), args.sampler, args.steps, args.samples, args.seed,
-            spacing=args.spacing,
+            args.guidance, args.spacing,
         )  # fmt: skip
+        metrics["command"] = shlex.join(
+            ["python", "-m", "training.evaluate", *(sys.argv[1:] if argv is None else argv)]
+        )
         print(json.dumps(metrics, indent=2))
+        if args.record or args.make_default:
+            record_sampler(model_dir, metrics, args.make_default)
         return 0
     args.model_dir = args.model_dir or Path("models/classifier/1")
     test = load_split("test", args.data_dir)
