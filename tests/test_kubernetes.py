@@ -387,7 +387,7 @@ def test_swarm_stack_matches_compose_and_the_settings(monkeypatch: pytest.Monkey
         # ${NNSERVE_IMAGE:-nnserve-serve:latest} vs compose's nnserve-serve:${NNSERVE_TAG:-latest}
         assert s["image"].split(":-", 1)[1].split(":")[0] == compose_image(), s["image"]
         assert s["command"] == compose["services"][service]["command"] and s["read_only"] is True
-        assert "/tmp" in s["tmpfs"], "the read-only root needs a writable /tmp"
+        assert {"type": "tmpfs", "target": "/tmp"} in s["volumes"], "the read-only root needs a writable /tmp"
         cls = settings_class(service)
         env = {k: str(v) for k, v in s["environment"].items()}
         assert set(env) - {cls.model_config["env_prefix"] + f.upper() for f in cls.model_fields} == {HEALTH_TARGET_ENV}

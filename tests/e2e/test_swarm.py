@@ -191,6 +191,7 @@ def swarm(request: pytest.FixtureRequest) -> Iterator[None]:
     if initialized:
         docker("swarm", "init", "--advertise-addr", "127.0.0.1")
     volumes_before = set(docker("volume", "ls", "-q").split())
+    ready = False
     try:
         remove_stack()  # whatever an interrupted run left behind
         env = {**os.environ, "NNSERVE_IMAGE": IMAGE}
@@ -204,12 +205,18 @@ def swarm(request: pytest.FixtureRequest) -> Iterator[None]:
         wait_until("Prometheus to scrape every task", lambda: len(up_instances("nnserve-classify")) == 2, 60)
         print(f"\nstack deploy to all tasks healthy and scraped: {time.monotonic() - started:.1f}s")
         request.config.stash[volumes_key] = volumes_before
+        ready = True
         yield
     finally:
         try:
-            if request.session.testsfailed:
+            if not ready or request.session.testsfailed:
                 print(docker("stack", "ps", "--no-trunc", STACK, check=False))
-                print(docker("service", "logs", "--tail", "20", CLASSIFY, check=False)[-6000:])
+                for service in SERVICES:
+                    logs = subprocess.run(
+                        ["docker", "service", "logs", "--tail", "15", f"{STACK}_{service}"],
+                        capture_output=True, text=True, timeout=60,
+                    )  # fmt: skip
+                    print(f"--- {service}\n{(logs.stdout + logs.stderr)[-4000:]}")
         finally:
             remove_stack()
             if initialized:
