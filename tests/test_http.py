@@ -301,6 +301,7 @@ def test_metrics_port_answers_metrics_only_and_counts_http_by_route(classify_ser
     port, metrics_port = classify_server.http_port, classify_server.metrics_port
     assert port and metrics_port
     call(port, "GET", f"/v2/no/such/path/{uuid.uuid4().hex}")
+    call(port, "GET", "/v2/health/ready")
     for path in ("/v2/health/ready", "/", "/metricsx", "/v2/models/classifier/infer"):
         assert call(metrics_port, "GET", path).status == 404, path
     text = call(metrics_port, "GET", "/metrics?name[]=x").body.decode()
@@ -308,6 +309,10 @@ def test_metrics_port_answers_metrics_only_and_counts_http_by_route(classify_ser
     assert metric_value(text, "nnserve_http_requests_total", route="unknown", code="404") >= 1
     routes = {line.split('route="')[1].split('"')[0] for line in text.splitlines() if 'route="' in line}
     assert not any("no/such" in r or "classifier" in r for r in routes), routes
+    promtool = shutil.which("promtool")
+    if promtool is not None:  # CI installs it; tests/test_classify_service.py checks the gRPC series
+        result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- typed routes ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from services.core import errors
 from services.core.errors import InvalidInput, shorten
 from services.core.http_context import HttpContext, http_status
 from services.core.interceptor import status_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,8 @@ class TypedRoutes:
             except Exception as exc:  # the status line has gone: the error is the last event
                 code, text = status_for(exc)
                 error = {"error": text, "status": http_status(code)}
+                if error["status"] == 500:
+                    log.error("%s failed", rule.path, exc_info=exc)
                 await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
             await response.write_eof()
             return response
