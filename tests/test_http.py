@@ -16,6 +16,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from PIL import Image
 from services.core import errors
 from services.core.http_context import http_status
 from services.core.interceptor import status_for
+from services.core.transcode import RULES
 from services.proto.inference import grpc_service_pb2 as oip_pb
 from services.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
@@ -313,6 +315,51 @@ def test_metrics_port_answers_metrics_only_and_counts_http_by_route(classify_ser
     if promtool is not None:  # CI installs it; tests/test_classify_service.py checks the gRPC series
         result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_full_queue_gets_429_with_the_grpc_message(tiny_repository: Path, tmp_path: Path) -> None:
+    server = start_service(
+        "services.classify",
+        tiny_repository,
+        tmp_path,
+        "--max-queue-size",
+        "4",
+        "--max-delay-ms",
+        "3000",
+        "--max-batch-size",
+        "256",
+        "--inline-max-rows",
+        "0",
+    )
+    try:
+        port = server.http_port
+        assert port
+        body = {"inputs": [image_input(np.zeros((1, 1, 28, 28), np.float32))]}
+        with ThreadPoolExecutor(4) as pool:
+            admitted = [pool.submit(post_json, port, "/v2/models/classifier/infer", body) for _ in range(4)]
+            # The four wait for their batch to fill (3 s): wait until the queue holds them, then one more.
+            deadline = time.monotonic() + 2.5
+            while metric_value(server.metrics_text(), "nnserve_batch_queue_depth_requests") < 4:
+                assert time.monotonic() < deadline, "the four requests never queued"
+                time.sleep(0.02)
+            refused = post_json(port, "/v2/models/classifier/infer", body)
+            assert refused.status == 429 and "max_queue_size=4" in refused.error, refused.body
+            assert [f.result().status for f in admitted] == [200] * 4
+    finally:
+        assert server.stop() == 0
+
+
+def test_every_typed_rpc_has_one_http_route() -> None:
+    from services.proto.nnserve.v1 import generate_pb2, restore_pb2
+
+    rpcs = [
+        method.full_name
+        for module in (classify_pb2, restore_pb2, generate_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+    assert sorted(rule.rpc for rule in RULES) == sorted(rpcs)
+    assert len({rule.path for rule in RULES}) == len(RULES)
 
 
 # --- typed routes ---------------------------------------------------------------------------------
