@@ -289,6 +289,17 @@ def test_threads_follow_the_cpu_limit(rendered: dict[str, list[Obj]]) -> None:
         assert ref == {"containerName": container["name"], "resource": "limits.cpu"}, (name, ref)
         limit = cpu_cores(container["resources"]["limits"]["cpu"])
         assert limit == int(limit), f"{name}: a fractional CPU limit ({limit}) would round the threads up past it"
+        # Where the settings have serving processes per pod (`workers`, 0: one per CPU the pod may use),
+        # each runs its own threads: together they must stay within the limit.
+        prefix = threads["name"].removesuffix("INTRA_OP_THREADS")
+        cls = settings_class(prefix.removeprefix("NNSERVE_").rstrip("_").lower())
+        if "workers" in cls.model_fields:
+            env = container_env(container)
+            workers = int(env.get(prefix + "WORKERS", "0")) or int(limit)
+            assert workers * int(env[threads["name"]]) <= limit, (
+                f"{name}: {workers} workers x {env[threads['name']]} threads on {limit} CPUs; "
+                f"set {prefix}WORKERS (or the threads) so their product follows the CPU limit"
+            )
 
 
 def test_every_container_is_limited_and_unprivileged(rendered: dict[str, list[Obj]]) -> None:
