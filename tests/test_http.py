@@ -438,6 +438,19 @@ def test_generate_routes_grid_json_and_server_sent_events(generate_server: Servi
     assert refused.status == 400 and refused.error.startswith("diffusion.steps")
 
 
+def test_deadline_headers(generate_server: ServiceProcess) -> None:
+    port = generate_server.http_port
+    assert port
+    for header, value in (("X-Request-Timeout", "abc"), ("X-Request-Timeout", "-1"), ("grpc-timeout", "10")):
+        reply = call(port, "GET", "/v2", headers={header: value})
+        assert reply.status == 400 and reply.error.startswith(f"{header} header:"), reply.body
+    assert call(port, "GET", "/v2", headers={"grpc-timeout": "5S"}).status == 200
+    heavy = {"model": "GENERATOR_MODEL_DIFFUSION", "count": 8, "diffusion": {"steps": 1000}}
+    for header, value in (("grpc-timeout", "1m"), ("X-Request-Timeout", "0.001")):
+        reply = post_json(port, "/v1/generate", heavy, {header: value})
+        assert reply.status == 504 and reply.error, reply.body
+
+
 # --- auth, size limits, TLS, drain ----------------------------------------------------------------
 
 
