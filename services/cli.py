@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 
 @dataclass(frozen=True)
 class ServiceSpec:
@@ -94,7 +92,109 @@ CURL_EXAMPLES = {
 }
 
 
-ROUND_ROBIN_HELP = "spread calls over every address --address resolves to (dns:///host:port for replicas)"
+SCALE_HELP = "enlarge each written PNG this many times, nearest-neighbour, so 28x28 images are easy to see"
+ROUND_ROBIN_HELP = (
+    "spread calls over every address --address resolves to, dns:///host:port for replicas "
+    "(default: off, one connection)"
+)
+
+EXIT_STATUS = """\
+exit status: 0 done; 1 the call failed (the server's status and message are printed);
+2 bad usage, a file that cannot be read or written, or a service that cannot start."""
+
+
+class CommandError(Exception):
+    """A problem on this side (an option, a file): printed as one line, exit status 2."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and ends each option's help with its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        if "default" in text or unset or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None) -> Any:
+    """An argparse type: ``kind`` within [low, high], with an error that names the range."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({span})")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _read_files(paths: Sequence[str], what: str) -> list[bytes]:
+    contents = []
+    for path in paths:
+        try:
+            contents.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise CommandError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return contents
+
+
+def _write(path: Path, data: bytes, scale: int = 1) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_scaled(data, scale))
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _scaled(png: bytes, scale: int) -> bytes:
+    """``png`` enlarged ``scale`` times with nearest-neighbour sampling, so its pixels stay sharp."""
+    if scale == 1:
+        return png
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    out = io.BytesIO()
+    image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _channel(args: argparse.Namespace) -> Any:
+    """A blocking channel to ``--address`` with the command's TLS, token and round-robin options."""
+    from services.client import channel_options
+    from services.connect import blocking_channel
+
+    return blocking_channel(args.address, args, channel_options(round_robin=getattr(args, "round_robin", False)))
+
+
+def _call_failed(args: argparse.Namespace, channel: Any, exc: Any, wanted: str) -> int:
+    """Print why a call failed, in one line; for UNIMPLEMENTED, name the services that are there."""
+    import grpc
+
+    code, details = exc.code(), exc.details()
+    line = f"nnserve {args.command}: {code.name}: {details}"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        from services.connect import services_at
+
+        there = services_at(channel, timeout=min(args.timeout, 5.0))
+        ours = [s for s in there if s.startswith("nnserve.")] or there
+        if ours and wanted not in there:
+            line = (
+                f"nnserve {args.command}: {args.address} serves {', '.join(ours)}, not {wanted}: "
+                f"is --address the {args.command} service's port?"
+            )
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        line += f" (is a service listening at {args.address}? with TLS, pass --tls-ca-file)"
+    print(line, file=sys.stderr)
+    return 1
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
@@ -103,19 +203,24 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from services.client import ClassifyClient
+    import grpc
 
-    images = [Path(p).read_bytes() for p in args.images]
-    try:
-        with ClassifyClient(args.address, round_robin=args.round_robin) as client:
-            reply = client.classify(images=images, top_k=args.top_k, timeout=args.timeout)
-    except grpc.RpcError as exc:
-        print(f"nnserve classify: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
+    from services.client import ClassifyClient
+    from services.proto.nnserve.v1 import classify_pb2
+
+    images = _read_files(args.images, "image")
+    wanted = classify_pb2.DESCRIPTOR.services_by_name["ClassifyService"].full_name
+    with _channel(args) as channel:
+        try:
+            reply = ClassifyClient(args.address, channel=channel).classify(
+                images=images, top_k=args.top_k, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _call_failed(args, channel, exc, wanted)
     if args.json:
         from google.protobuf.json_format import MessageToDict
 
-        print(json.dumps(MessageToDict(reply), indent=2))
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return 0
     for path, result in zip(args.images, reply.classifications, strict=True):
         top = ", ".join(f"{p.label} {p.probability:.1%}" for p in result.predictions)
@@ -125,85 +230,106 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from services.client import RestoreClient
+    import grpc
 
-    images = [Path(p).read_bytes() for p in args.images]
-    masks = [Path(p).read_bytes() for p in args.masks]
-    try:
-        with RestoreClient(args.address, round_robin=args.round_robin) as client:
-            reply = client.restore(images=images, masks=masks, timeout=args.timeout)
-    except grpc.RpcError as exc:
-        print(f"nnserve restore: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
+    from services.client import RestoreClient
+    from services.proto.nnserve.v1 import restore_pb2
+
+    if args.masks and len(args.masks) != len(args.images):
+        raise CommandError(f"--masks: {len(args.masks)} masks for {len(args.images)} images (give one per image)")
+    images = _read_files(args.images, "image")
+    masks = _read_files(args.masks, "mask")
+    wanted = restore_pb2.DESCRIPTOR.services_by_name["RestoreService"].full_name
+    with _channel(args) as channel:
+        try:
+            reply = RestoreClient(args.address, channel=channel).restore(
+                images=images, masks=masks, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            return _call_failed(args, channel, exc, wanted)
     for path, result in zip(args.images, reply.restorations, strict=True):
         target = args.out / f"{Path(path).stem}.restored.png"
-        target.write_bytes(result.png)
+        _write(target, result.png, args.scale)
         flag = "  [anomalous]" if result.anomalous else ""
         print(f"{path} -> {target}  (anomaly score {result.anomaly_score:.4f}){flag}")
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from services.client import GenerateClient
+DIFFUSION_ONLY = ("sampler", "steps", "eta", "guidance_scale")
 
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.client import GenerateClient
+    from services.proto.nnserve.v1 import generate_pb2
+
+    if args.model == "gan":
+        given = [f"--{name.replace('_', '-')}" for name in DIFFUSION_ONLY if getattr(args, name) is not None]
+        if given:
+            raise CommandError(f"{', '.join(given)}: only for --model diffusion (the GAN samples in one call)")
     options = dict(
         model=args.model,
         count=args.count,
         labels=args.label,
         seed=args.seed,
         output="grid" if args.out.suffix == ".png" else "pngs",
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
+        sampler=args.sampler or "ddim",
+        steps=args.steps or 50,
+        eta=args.eta or 0.0,
         guidance_scale=args.guidance_scale,
     )
-    try:
-        with GenerateClient(args.address, round_robin=args.round_robin) as client:
+    wanted = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
+    # A bar redrawn with \r is for a person at a terminal; in a log or a pipe it is noise.
+    draw = sys.stderr.isatty()
+    with _channel(args) as channel:
+        client = GenerateClient(args.address, channel=channel)
+        try:
             if args.model == "diffusion":
                 reply = None
                 for event in client.stream(timeout=args.timeout, **options):
                     if event.HasField("progress"):
-                        p = event.progress
-                        bar = "#" * int(30 * p.step / p.total_steps)
-                        print(
-                            f"\r  sampling [{bar:<30}] step {p.step}/{p.total_steps}",
-                            end="",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                        if draw:
+                            p = event.progress
+                            bar = "#" * int(30 * p.step / p.total_steps)
+                            print(f"\r  sampling [{bar:<30}] step {p.step}/{p.total_steps}", end="", file=sys.stderr)
                     else:
                         reply = event.result
-                print(file=sys.stderr)
+                if draw:
+                    print(file=sys.stderr)
             else:
                 reply = client.generate(timeout=args.timeout, **options)
-    except grpc.RpcError as exc:
-        print(f"nnserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
+        except grpc.RpcError as exc:
+            if draw:
+                print(file=sys.stderr)
+            return _call_failed(args, channel, exc, wanted)
     assert reply is not None
     if reply.grid_png:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(reply.grid_png)
+        _write(args.out, reply.grid_png, args.scale)
         written = [args.out]
     else:
-        args.out.mkdir(parents=True, exist_ok=True)
         written = []
         for i, png in enumerate(reply.pngs):
             written.append(args.out / f"{args.model}-{reply.seed}-{i:03d}-class{reply.labels[i]}.png")
-            written[-1].write_bytes(png)
+            _write(written[-1], png, args.scale)
     shown = ", ".join(map(str, written[:4])) + (" ..." if len(written) > 4 else "")
     print(f"{len(reply.labels)} images from {reply.model_name}/{reply.model_version}, seed {reply.seed} -> {shown}")
     return 0
 
 
 def _health(args: argparse.Namespace) -> int:
-    from services.client import check_health
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    try:
-        status = check_health(args.address, args.service, args.timeout)
-    except grpc.RpcError as exc:
-        print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
+    with _channel(args) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -300,55 +426,120 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("loadtest", help="load-test a service (see 'nnserve loadtest --help')", add_help=False)
 
-    up = sub.add_parser("up", help="start every service on the shipped models")
-    up.add_argument("--model-repository", default=os.environ.get("NNSERVE_MODEL_REPOSITORY", "models"))
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port-offset", type=int, default=0, help="add this to every default port")
-    up.add_argument("--only", nargs="*", choices=sorted(SERVICES), help="start only these services")
-    up.add_argument("--start-timeout", type=float, default=120.0)
-
-    classify = sub.add_parser("classify", help="classify image files")
-    classify.add_argument("images", nargs="+")
-    classify.add_argument("--address", default="127.0.0.1:50051")
-    classify.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
-    classify.add_argument("--top-k", type=int, default=3)
-    classify.add_argument("--timeout", type=float, default=30.0)
-    classify.add_argument("--json", action="store_true", help="print the reply as JSON")
-
-    restore = sub.add_parser("restore", help="denoise or inpaint image files")
-    restore.add_argument("images", nargs="+")
-    restore.add_argument("--masks", nargs="*", default=[], help="damage masks, one per image (white = inpaint)")
-    restore.add_argument("--out", type=Path, default=Path("restored"))
-    restore.add_argument("--address", default="127.0.0.1:50052")
-    restore.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
-    restore.add_argument("--timeout", type=float, default=30.0)
-
-    generate = sub.add_parser("generate", help="generate images with the GAN or the diffusion model")
-    generate.add_argument("--model", choices=["gan", "diffusion"], default="gan")
-    generate.add_argument("--count", type=int, default=16)
-    generate.add_argument("--label", type=int, action="append", default=[], help="class id (repeat for one per image)")
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    generate.add_argument("--steps", type=int, default=50)
-    generate.add_argument("--eta", type=float, default=0.0)
-    generate.add_argument("--guidance-scale", type=float, default=None)
-    generate.add_argument(
-        "--out", type=Path, default=Path("generated.png"), help="a .png file (one grid) or a directory"
+    up = sub.add_parser("up", help="start every service on the shipped models", formatter_class=_HelpFormatter)
+    up.add_argument(
+        "--model-repository",
+        default=os.environ.get("NNSERVE_MODEL_REPOSITORY", "models"),
+        help="the model repository to serve ($NNSERVE_MODEL_REPOSITORY when set)",
     )
-    generate.add_argument("--address", default="127.0.0.1:50053")
-    generate.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
-    generate.add_argument("--timeout", type=float, default=300.0)
+    up.add_argument("--host", default="127.0.0.1", help="address every service binds (0.0.0.0: every interface)")
+    up.add_argument("--port-offset", type=int, default=0, help="add this to every default port")
+    up.add_argument(
+        "--only", nargs="*", choices=sorted(SERVICES), help="start only these services (default: all of them)"
+    )
+    up.add_argument(
+        "--start-timeout", type=_bounded(float, 0.001), default=120.0, help="seconds to wait for every service"
+    )
 
-    health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
+    classify = sub.add_parser(
+        "classify", help="classify image files", formatter_class=_HelpFormatter, epilog=EXIT_STATUS
+    )
+    classify.add_argument("images", nargs="+", help="image files (PNG, JPEG, ... any size; 28x28 grayscale is native)")
+    _client_arguments(classify, "127.0.0.1:50051", 30.0)
+    classify.add_argument(
+        "--top-k", type=_bounded(int, 1, 10), default=3, help="classes per image, most probable first"
+    )
+    classify.add_argument(
+        "--json", action="store_true", help="print the reply as JSON with the proto's field names (default: text)"
+    )
+
+    restore = sub.add_parser(
+        "restore", help="denoise or inpaint image files", formatter_class=_HelpFormatter, epilog=EXIT_STATUS
+    )
+    restore.add_argument("images", nargs="+", help="image files to restore")
+    restore.add_argument(
+        "--masks", nargs="*", default=[], help="damage masks, one per image, white = inpaint (default: none, denoise)"
+    )
+    restore.add_argument(
+        "--out", type=Path, default=Path("restored"), help="directory for the restored PNGs (IMAGE.restored.png)"
+    )
+    restore.add_argument("--scale", type=_bounded(int, 1, 32), default=1, help=SCALE_HELP)
+    _client_arguments(restore, "127.0.0.1:50052", 30.0)
+
+    generate = sub.add_parser(
+        "generate",
+        help="generate images with the GAN or the diffusion model",
+        formatter_class=_HelpFormatter,
+        epilog=EXIT_STATUS,
+    )
+    generate.add_argument("--model", choices=["gan", "diffusion"], default="gan", help="which generator")
+    generate.add_argument(
+        "--count",
+        type=_bounded(int, 1),
+        default=16,
+        help="images to make (the service's max_count caps it, 64 by default)",
+    )
+    generate.add_argument(
+        "--label",
+        type=_bounded(int, 0),
+        action="append",
+        default=[],
+        help="class id 0-9: once for every image, or once per image (default: random classes)",
+    )
+    generate.add_argument(
+        "--seed", type=_bounded(int, 0, 2**64 - 1), default=None, help="same seed, same images (default: random)"
+    )
+    generate.add_argument(
+        "--sampler", choices=["ddim", "ddpm"], default=None, help="diffusion only: the sampler (default: ddim)"
+    )
+    generate.add_argument(
+        "--steps", type=_bounded(int, 1), default=None, help="diffusion only: denoising steps (default: 50)"
+    )
+    generate.add_argument(
+        "--eta", type=_bounded(float, 0.0, 1.0), default=None, help="diffusion only: DDIM noise, 0-1 (default: 0)"
+    )
+    generate.add_argument(
+        "--guidance-scale",
+        type=_bounded(float, 0.0, 20.0),
+        default=None,
+        help="diffusion only: classifier-free guidance, 0-20, 1 = off (default: the model's)",
+    )
+    generate.add_argument(
+        "--out",
+        type=Path,
+        default=Path("generated.png"),
+        help="a .png file (one grid of every image) or a directory (one PNG per image)",
+    )
+    generate.add_argument("--scale", type=_bounded(int, 1, 32), default=1, help=SCALE_HELP)
+    _client_arguments(generate, "127.0.0.1:50053", 300.0)
+
+    health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING", formatter_class=_HelpFormatter)
     health.add_argument(
         "address",
         nargs="?",
         default=os.environ.get("NNSERVE_HEALTH_TARGET", "127.0.0.1:50051"),
         help="host:port (default: $NNSERVE_HEALTH_TARGET or 127.0.0.1:50051)",
     )
-    health.add_argument("--service", default="", help="a service name; empty: the whole server")
-    health.add_argument("--timeout", type=float, default=5.0)
+    health.add_argument(
+        "--service", default="", help="a service name, e.g. nnserve.v1.ClassifyService (default: the whole server)"
+    )
+    health.add_argument("--timeout", type=_bounded(float, 0.001), default=5.0, help="seconds to wait for the answer")
+    from services.connect import add_connection_arguments
+
+    add_connection_arguments(health)
     return parser
+
+
+def _client_arguments(parser: argparse.ArgumentParser, address: str, timeout: float) -> None:
+    """--address, --round-robin, --timeout and the TLS/token options every client command takes."""
+    from services.connect import add_connection_arguments
+
+    parser.add_argument("--address", default=address, help="host:port of the service")
+    parser.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
+    parser.add_argument(
+        "--timeout", type=_bounded(float, 0.001), default=timeout, help="seconds before the call gives up"
+    )
+    add_connection_arguments(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,7 +553,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"classify": _classify, "restore": _restore, "generate": _generate, "health": _health, "up": _up}
-    return handlers[args.command](args)
+    from services.connect import ConnectionOptionError
+
+    try:
+        return handlers[args.command](args)
+    except (CommandError, ConnectionOptionError) as exc:
+        print(f"nnserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 
 from services.client import channel_options, tensor_message
+from services.connect import ConnectionOptionError, add_connection_arguments, aio_channel, check_connection_arguments
 from services.proto.inference import grpc_service_pb2 as oip_pb
 from services.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from services.proto.nnserve.v1 import (
@@ -213,7 +214,7 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
     # Each channel its own connection (gRPC would otherwise share one among them), so a server
     # with several workers on one port (SO_REUSEPORT spreads connections) sees them all.
     options = [*channel_options(round_robin=args.round_robin), ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(args.target, options=options) for _ in range(args.channels)]
+    channels = [aio_channel(args.target, args, options) for _ in range(args.channels)]
     made = [await make_caller(args, c) for c in channels]
     stubs = [caller for caller, _ in made]
     images = made[0][1]
@@ -280,7 +281,7 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
 
 
 async def _progress(result: Result, measure_from: float, stop_at: float, quiet: bool) -> None:
-    if quiet:
+    if quiet or not sys.stderr.isatty():  # live lines are for a person watching, not for a log
         return
     loop = asyncio.get_running_loop()
     while True:
@@ -367,6 +368,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from services.cli import _bounded
+
+    positive_int, positive = _bounded(int, 1), _bounded(float, 0.001)
     p.add_argument("target", help="host:port of an nnserve service")
     p.add_argument(
         "--rpc",
@@ -375,43 +379,78 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="which RPC to load: the typed APIs, or OIP ModelInfer (infer) on --model-name",
     )
     p.add_argument("--model", choices=["gan", "diffusion"], default="gan", help="generate: which generator")
-    p.add_argument("--steps", type=int, default=10, help="generate: diffusion steps")
+    p.add_argument("--steps", type=positive_int, default=10, help="generate: diffusion steps")
     p.add_argument("--model-name", default="classifier", help="infer: the model to call")
     p.add_argument(
         "--input", default="image:FP32:1x28x28", help="infer: NAME:DATATYPE:DIMS when the server publishes no metadata"
     )
-    p.add_argument("--concurrency", "-c", type=int, default=16, help="closed loop: callers")
-    p.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (0: closed loop)")
-    p.add_argument("--arrivals", choices=["constant", "poisson"], default="poisson")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds measured, after the warm-up")
-    p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--requests", type=int, default=0, help="stop after this many measured requests (0: no limit)")
-    p.add_argument("--images-per-request", "-n", type=int, default=1)
-    p.add_argument("--payload", choices=["random", "samples", "files"], default="random")
-    p.add_argument("--samples-dir", default="examples/images")
-    p.add_argument("--files", nargs="*", default=[])
-    p.add_argument("--channels", type=int, default=4, help="gRPC channels per process")
+    p.add_argument("--concurrency", "-c", type=positive_int, default=16, help="closed loop: callers")
+    p.add_argument(
+        "--rate", type=_bounded(float, 0.0), default=0.0, help="open loop: requests per second (0: closed loop)"
+    )
+    p.add_argument("--arrivals", choices=["constant", "poisson"], default="poisson", help="open loop: arrival process")
+    p.add_argument("--duration", type=positive, default=10.0, help="seconds measured, after the warm-up")
+    p.add_argument("--warmup", type=_bounded(float, 0.0), default=2.0, help="seconds of load not measured, first")
+    p.add_argument(
+        "--requests", type=_bounded(int, 0), default=0, help="stop after this many measured requests (0: no limit)"
+    )
+    p.add_argument("--images-per-request", "-n", type=positive_int, default=1, help="images (or samples) per call")
+    p.add_argument(
+        "--payload",
+        choices=["random", "samples", "files"],
+        default="random",
+        help="random pixels, the PNGs in --samples-dir, or --files",
+    )
+    p.add_argument("--samples-dir", default="examples/images", help="--payload samples: where the PNGs are")
+    p.add_argument("--files", nargs="*", default=[], help="--payload files: the image files to send (default: none)")
+    p.add_argument("--channels", type=positive_int, default=4, help="gRPC channels (connections) per process")
     p.add_argument(
         "--round-robin",
         action="store_true",
-        help="spread calls over every address the target resolves to (use dns:///host:port for replicas)",
+        help="spread calls over every address the target resolves to, dns:///host:port for replicas (default: off)",
     )
-    p.add_argument("--processes", type=int, default=1, help="client processes, so the client is not the bottleneck")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--json", type=Path, default=None, help="also write the report here")
-    p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument(
+        "--processes", type=positive_int, default=1, help="client processes, so the client is not the bottleneck"
+    )
+    p.add_argument("--timeout", type=positive, default=30.0, help="seconds before one call gives up")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here (default: table only)")
+    p.add_argument(
+        "--quiet", action="store_true", help="no live progress (default: a line a second, when stderr is a terminal)"
+    )
+    add_connection_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nnserve loadtest`` parser (every option's help ends with its default)."""
+    from services.cli import EXIT_STATUS, _HelpFormatter
+
+    p = argparse.ArgumentParser(
+        prog="nnserve loadtest", description=__doc__, formatter_class=_HelpFormatter, epilog=EXIT_STATUS
+    )
+    add_arguments(p)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="nnserve loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(p)
+    p = build_parser()
     args = p.parse_args(argv)
-    report = run(args)
-    print(format_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        if args.payload == "files":
+            for path in args.files:
+                Path(path).read_bytes()  # fail here, in one line, not in every worker
+            if not args.files:
+                p.error("--payload files needs --files")
+        check_connection_arguments(args)  # unreadable TLS or token files: one line here, not a traceback later
+        report = run(args)
+        print(format_table(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+    except ConnectionOptionError as exc:
+        print(f"nnserve loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"nnserve loadtest: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0 if report["ok"] else 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -81,7 +82,19 @@ def main(
             service = build(worker_settings)
         except (errors.ModelNotFound, errors.ModelLoadError, errors.ConfigError) as exc:
             return _cannot_start(prog, exc)
-        return asyncio.run(serve(service, worker_settings, port_file))
+        try:
+            return asyncio.run(serve(service, worker_settings, port_file))
+        except RuntimeError as exc:  # grpc's add_insecure_port/add_secure_port: "Failed to bind to address A; ..."
+            if not str(exc).startswith("Failed to bind"):
+                raise
+            address = str(exc).split(";")[0].removeprefix("Failed to bind to address ")
+            return _cannot_start(prog, errors.ConfigError(f"cannot listen on {address}: in use or not available"))
+        except OSError as exc:  # the metrics or HTTP port
+            if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                raise
+            http = getattr(worker_settings, "http_port", None)
+            ports = f"metrics_port {worker_settings.metrics_port}, http_port {http}"
+            return _cannot_start(prog, errors.ConfigError(f"cannot listen: {exc.strerror} ({ports})"))
 
     if settings.workers > 1:
         # Fork before anything is loaded: no gRPC, onnxruntime or event loop exists yet to copy.
