@@ -138,3 +138,95 @@ def test_diffusion_bars_through_onnxruntime() -> None:
     assert metrics["class_consistency"] >= 0.90, metrics["per_class_consistency"]
     assert metrics["domain_fid"] < m["gan_domain_fid_same_samples"]
     assert metrics["class_consistency"] == pytest.approx(m["class_consistency"], abs=1e-4)
+
+
+# INT8 variants beside the fp32 versions (training/quantize.py), and their bars (issue #17).
+
+
+def shipped_variants() -> list[Path]:
+    return sorted(MODELS.glob("*/*/manifest.*.json"))
+
+
+@pytest.mark.parametrize("path", shipped_variants(), ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}/{p.name}")
+def test_shipped_variants_match_their_manifest(path: Path) -> None:
+    """Each variant: checksum as its manifest says, resolvable, on the card, made from the shipped fp32 file."""
+    manifest = Manifest.read(path)
+    assert path.name == f"manifest.{manifest.precision}.json" and manifest.precision != "fp32"
+    assert file_sha256(path.parent / manifest.file) == manifest.sha256
+    resolved = ModelRepository(MODELS).resolve(manifest.name, manifest.version, precision=manifest.precision)
+    assert resolved.manifest == manifest and resolved.onnx_path == path.parent / manifest.file
+    assert manifest.sha256 in (path.parent / "MODEL_CARD.md").read_text()
+    fp32 = Manifest.read(path.parent / "manifest.json")
+    assert manifest.training is not None and manifest.training.command.startswith("python -m training.quantize")
+    assert (manifest.training.model_extra or {})["fp32_sha256"] == fp32.sha256
+    assert (manifest.inputs, manifest.outputs) == (fp32.inputs, fp32.outputs)
+
+
+def test_int8_variants_are_shipped() -> None:
+    for name in ("classifier", "autoencoder"):
+        assert ModelRepository(MODELS).resolve(name, precision="int8").manifest.precision == "int8"
+
+
+@needs_data
+def test_int8_classifier_bars_through_onnxruntime() -> None:
+    """Accuracy drop <= 0.2 points and argmax agreement >= 99.5% against fp32 on the 10k test set; as recorded."""
+    from training.evaluate import compare_outputs
+    from training.export import onnx_session, run_onnx
+
+    repository = ModelRepository(MODELS)
+    fp32, int8 = repository.resolve("classifier"), repository.resolve("classifier", precision="int8")
+    test = load_split("test")
+    reference = classifier_logits(fp32.directory, test.images)
+    logits = run_onnx(onnx_session(int8.onnx_path), {"image": test.images.astype(np.float32)[:, None] / 255})[0]
+    accuracy = classifier_metrics(logits, test.labels)["accuracy"]
+    drop = classifier_metrics(reference, test.labels)["accuracy"] - accuracy
+    agreement = compare_outputs(reference, logits, argmax=True)["argmax_agreement"]
+    assert drop <= 0.002 and agreement >= 0.995, (drop, agreement)
+    assert accuracy == pytest.approx(int8.manifest.metrics["accuracy"], abs=1e-4)
+    assert agreement == pytest.approx(int8.manifest.metrics["parity_vs_fp32"]["argmax_agreement"], abs=1e-4)
+
+
+@needs_data
+@pytest.mark.slow
+def test_int8_autoencoder_bars_through_onnxruntime() -> None:
+    """PSNR drop <= 0.2 dB against fp32 at sigma 0.1 and 0.3 (same noise, 10k test images); as recorded."""
+    from training.train_autoencoder import evaluate
+
+    int8 = ModelRepository(MODELS).resolve("autoencoder", precision="int8")
+    assert int8.manifest.training is not None
+    fp32_seed = ModelRepository(MODELS).resolve("autoencoder").manifest.training.seed  # type: ignore[union-attr]
+    metrics, _ = evaluate(int8.onnx_path, load_split("test"), None, fp32_seed)
+    reference = autoencoder_metrics()
+    for key in ("psnr_sigma0.1_db", "psnr_sigma0.3_db"):
+        assert reference[key] - metrics[key] <= 0.2, (key, reference[key], metrics[key])
+        assert metrics[key] == pytest.approx(int8.manifest.metrics[key], abs=0.02), key
+
+
+@needs_data
+@pytest.mark.slow
+def test_fast_sampler_bars_through_onnxruntime() -> None:
+    """The served DPM-Solver++ preset (<= 12 steps) against the card's DDIM-50 on the same evaluation:
+    class consistency within 1 point, domain FID within 10%; as recorded. (About 50k denoiser rows.)"""
+    from training.evaluate import sampler_key, sampler_quality
+
+    version = ModelRepository(MODELS).resolve("diffusion_denoiser")
+    m = version.manifest.metrics
+    preset = version.manifest.extra["sampler_defaults"]["dpmpp2m"]
+    recorded = m["samplers"][sampler_key("dpmpp2m", int(preset["steps"]), preset["guidance_scale"])]
+    assert preset["steps"] <= 12 and recorded["steps"] == preset["steps"]
+    assert recorded["samples"] == m["samples"] >= 2000 and recorded["seed"] == version.manifest.training.seed  # type: ignore[union-attr]
+    metrics = sampler_quality(
+        version.directory,
+        MODELS / "classifier" / "1",
+        "dpmpp2m",
+        int(preset["steps"]),
+        recorded["samples"],
+        recorded["seed"],
+        recorded["guidance_scale"],
+        recorded["spacing"],
+        splits(),
+    )
+    assert metrics["class_consistency"] >= m["class_consistency"] - 0.01, metrics["per_class_consistency"]
+    assert metrics["domain_fid"] <= 1.10 * m["domain_fid"], metrics["domain_fid"]
+    assert metrics["class_consistency"] == pytest.approx(recorded["class_consistency"], abs=1e-4)
+    assert metrics["domain_fid"] == pytest.approx(recorded["domain_fid"], rel=1e-3)
