@@ -317,6 +317,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+PROMOTE_DESCRIPTION = """\
+Copy MODEL/FROM_VERSION to MODEL/TO_VERSION in the repository, rewriting the version in every
+manifest (a manifest's version must equal its directory's number: a hand copy is refused at load).
+The copy is verified like serving verifies it, then renamed into place at once, so running
+services pick it up whole at their next poll (model_poll_interval_s) or on SIGHUP.
+
+  nnserve promote classifier 1        # -> classifier/2 (one above the highest)
+  nnserve promote classifier 1 5"""
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from services.promote import PromoteError, promote
+
+    try:
+        version, precisions = promote(args.model_repository, args.model, args.from_version, args.to_version)
+    except PromoteError as exc:
+        raise CommandError(str(exc)) from None
+    target = args.model_repository / args.model / str(version)
+    print(f"{args.model}/{args.from_version} -> {args.model}/{version} ({', '.join(precisions)}) in {target}")
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -513,6 +535,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--scale", type=_bounded(int, 1, 32), default=1, help=SCALE_HELP)
     _client_arguments(generate, "127.0.0.1:50053", 300.0)
 
+    promote = sub.add_parser(
+        "promote",
+        help="publish a model version under a new version number (copy + manifest rewrite)",
+        description=PROMOTE_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+        epilog=EXIT_STATUS,
+    )
+    promote.add_argument("model", help="model name, e.g. classifier")
+    promote.add_argument("from_version", type=_bounded(int, 1), help="the version to copy")
+    promote.add_argument(
+        "to_version",
+        type=_bounded(int, 1),
+        nargs="?",
+        default=None,
+        help="the new version number (default: one above the highest)",
+    )
+    promote.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path(os.environ.get("NNSERVE_MODEL_REPOSITORY", "models")),
+        help="the model repository ($NNSERVE_MODEL_REPOSITORY when set)",
+    )
+
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING", formatter_class=_HelpFormatter)
     health.add_argument(
         "address",
@@ -552,7 +597,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loadtest_main(rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    handlers = {"classify": _classify, "restore": _restore, "generate": _generate, "health": _health, "up": _up}
+    handlers = {
+        "classify": _classify,
+        "restore": _restore,
+        "generate": _generate,
+        "health": _health,
+        "up": _up,
+        "promote": _promote,
+    }
     from services.connect import ConnectionOptionError
 
     try:

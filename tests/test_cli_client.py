@@ -188,7 +188,11 @@ def test_scale_enlarges_the_grid_without_blurring(generate_server: ServiceProces
 
 
 @pytest.fixture(scope="module")
-def secure_classify(pki: Path, tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:  # noqa: F811
+def secure_classify(
+    pki: Path,  # noqa: F811 (the fixture imported above)
+    tiny_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServiceProcess]:
     """classify with TLS, mutual TLS and a bearer token."""
     server = start_service(
         "services.classify", tiny_repository, tmp_path_factory.mktemp("secure"),
@@ -231,7 +235,10 @@ def test_client_commands_and_loadtest_speak_tls_and_tokens(
 
 
 def test_a_token_without_tls_reaches_a_plaintext_service(
-    tiny_repository: Path, pki: Path, tmp_path: Path, capsys  # type: ignore[no-untyped-def]  # noqa: F811
+    tiny_repository: Path,
+    pki: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,  # type: ignore[no-untyped-def]
 ) -> None:
     """A service behind a mesh may check tokens without TLS: the CLI sends the header itself,
     on unary calls, on the diffusion stream and from loadtest's asyncio channels."""
