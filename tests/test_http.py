@@ -451,6 +451,28 @@ def test_deadline_headers(generate_server: ServiceProcess) -> None:
         assert reply.status == 504 and reply.error, reply.body
 
 
+def test_closing_an_event_stream_cancels_its_sampling(generate_server: ServiceProcess) -> None:
+    port = generate_server.http_port
+    assert port
+
+    def cancelled() -> float:
+        text = generate_server.metrics_text()
+        return metric_value(text, "nnserve_batch_rejected_total", model="diffusion_denoiser", reason="cancelled")
+
+    before = cancelled()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    query = "model=GENERATOR_MODEL_DIFFUSION&count=8&seed=3&diffusion.sampler=SAMPLER_DDPM&diffusion.steps=1000"
+    connection.request("GET", f"/v1/generate/stream?{query}")
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline() == b"event: progress\n"
+    connection.close()
+    deadline = time.monotonic() + 20
+    while cancelled() == before:
+        assert time.monotonic() < deadline, "the job of a closed stream was not cancelled"
+        time.sleep(0.05)
+    assert post_json(port, "/v1/generate", {"count": 1}).status == 200
+
+
 # --- auth, size limits, TLS, drain ----------------------------------------------------------------
 
 

@@ -221,27 +221,38 @@ class TypedRoutes:
         async def handle(request: web.Request) -> web.StreamResponse:
             message = await request_message(rule, cls, request)
             events = call(message, HttpContext(request, request.get("deadline"))).__aiter__()
-            # Errors before the first event (validation, admission) keep their HTTP status.
-            first = await events.__anext__()
-            response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            )
-            await response.prepare(request)
             try:
-                event: Message | None = first
-                while event is not None:
-                    kind = event.WhichOneof("event") or "event"  # type: ignore[attr-defined]
-                    data = json_format.MessageToDict(getattr(event, kind), preserving_proto_field_name=True)
-                    await response.write(f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
-                    event = await anext(events, None)
-            except Exception as exc:  # the status line has gone: the error is the last event
-                code, text = status_for(exc)
-                error = {"error": text, "status": http_status(code)}
-                if error["status"] == 500:
-                    log.error("%s failed", rule.path, exc_info=exc)
-                await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
-            await response.write_eof()
-            return response
+                # Errors before the first event (validation, admission) keep their HTTP status.
+                first = await events.__anext__()
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no",
+                    }
+                )
+                await response.prepare(request)
+                try:
+                    event: Message | None = first
+                    while event is not None:
+                        kind = event.WhichOneof("event") or "event"  # type: ignore[attr-defined]
+                        data = json_format.MessageToDict(getattr(event, kind), preserving_proto_field_name=True)
+                        text = json.dumps(data, separators=(",", ":"))
+                        await response.write(f"event: {kind}\ndata: {text}\n\n".encode())
+                        event = await anext(events, None)
+                except ConnectionResetError:  # the client went away: nobody to tell
+                    return response
+                except Exception as exc:  # the status line has gone: the error is the last event
+                    code, message_text = status_for(exc)
+                    error = {"error": message_text, "status": http_status(code)}
+                    if error["status"] == 500:
+                        log.error("%s failed", rule.path, exc_info=exc)
+                    await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+                await response.write_eof()
+                return response
+            finally:
+                # Ends the servicer's stream now (its finally cancels the sampling job), not at GC.
+                await events.aclose()  # type: ignore[attr-defined]
 
         handle.__doc__ = f"{rule.path}: {rule.rpc} as Server-Sent Events."
         return handle
