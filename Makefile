@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
 .PHONY: up test fuzz test-fast system-deps protos lint train-classifier train-autoencoder train-gan train-diffusion \
-	triton-venv bench bench-venvs images e2e-docker e2e-swarm k8s-check clean
+	triton-venv bench bench-venvs images e2e-docker e2e-swarm k8s-check clean constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ system-deps:
 
 protos: $(VENV)/.installed-all
 	$(BIN)/python tools/gen_protos.py
+
+# Re-pin constraints/serve.txt (what the serving image installs) from the package index.
+constraints: $(VENV)/.installed-serve
+	$(BIN)/python scripts/lock_serve.py
 
 lint: $(VENV)/.installed-all
 	$(BIN)/ruff check services training tests tools scripts benchmarks

@@ -7,16 +7,19 @@
 # BASE_IMAGE defaults to the public slim Python image; any Debian-based image with Python 3.11+
 # on PATH as python3 works (CI builds one locally with debootstrap: scripts/docker-base.sh). With
 # WHEELS=local, dependencies come only from docker/wheels/ (fill it on the host:
-# pip download -d docker/wheels '.[serve]' 'setuptools>=77'), for offline builds.
+# pip download -d docker/wheels -c constraints/serve.txt '.[serve]' 'setuptools>=77'), for offline
+# builds. Either way the versions are those pinned in constraints/serve.txt (scripts/lock_serve.py).
 ARG BASE_IMAGE=python:3.11-slim
 
 # Build stage: install into a venv without pip, so neither pip, the wheels nor the sources'
 # build leftovers reach the final image's layers.
 FROM ${BASE_IMAGE} AS build
 ARG WHEELS=pypi
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# PIP_CONSTRAINT, unlike -c, reaches pip's isolated build environment too (setuptools).
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CONSTRAINT=/constraints/serve.txt
 WORKDIR /src
 COPY docker/wheels/ /wheels/
+COPY constraints/serve.txt /constraints/serve.txt
 COPY pyproject.toml README.md ./
 COPY services/ services/
 RUN python3 -m venv --without-pip /opt/nnserve \

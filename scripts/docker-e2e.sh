@@ -49,7 +49,7 @@ phase "base image $NNSERVE_BASE_IMAGE"
 bash scripts/docker-base.sh "$NNSERVE_BASE_IMAGE"
 
 phase "downloading the serve wheels into docker/wheels/"
-"$PYTHON" -m pip download -q -d docker/wheels '.[serve]' 'setuptools>=77' 2>&1 | grep -v "is ignored" || true
+"$PYTHON" -m pip download -q -d docker/wheels -c constraints/serve.txt '.[serve]' 'setuptools>=77' 2>&1 | grep -v "is ignored" || true
 phase "building nnserve-serve:$NNSERVE_TAG"
 docker-compose -f compose.yaml build -q classify
 phase "building $NNSERVE_PROMETHEUS_IMAGE from Debian's prometheus package"
