@@ -2,8 +2,10 @@
 
 nnserve up                                  # every service on the shipped models
 nnserve serve classify --port 50051         # one service (flags or NNSERVE_CLASSIFY_* env)
-nnserve classify shirt.png --top-k 3        # call it
+nnserve classify shirt.png --top-k 3        # call it (--tls-ca-file, --token-file for a secured one)
 nnserve health 127.0.0.1:50051              # exit 0 when SERVING
+nnserve promote classifier 1 2              # publish a version under a new number
+nnserve COMMAND --help                      # every option, with its default
 """
 
 from __future__ import annotations
@@ -612,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ConnectionOptionError) as exc:
         print(f"nnserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C during a call: the call is cancelled, no traceback
+        print(f"\nnnserve {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

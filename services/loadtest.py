@@ -448,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionOptionError as exc:
         print(f"nnserve loadtest: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nnnserve loadtest: interrupted", file=sys.stderr)
+        return 130
     except OSError as exc:
         print(f"nnserve loadtest: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -271,3 +271,23 @@ def test_written_images_are_pngs(tmp_path: Path) -> None:
     Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4), mode="L").save(buffer, format="PNG")
     out = Image.open(io.BytesIO(_scaled(buffer.getvalue(), 2)))
     assert out.format == "PNG" and out.size == (8, 8) and out.mode == "L"
+
+
+def test_ctrl_c_during_a_call_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A server that accepts the connection and never answers: the call hangs until Ctrl-C."""
+    import signal
+
+    image = a_png(tmp_path / "a.png")
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
+        command = [sys.executable, "-m", "services.cli", "classify", str(image), "--timeout", "120",
+                   "--address", f"127.0.0.1:{mute.getsockname()[1]}"]  # fmt: skip
+        proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+        connection, _ = mute.accept()  # the client is inside its call now
+        with connection:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "nnserve classify: interrupted"
