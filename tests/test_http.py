@@ -526,29 +526,32 @@ def test_oversized_bodies_get_413_naming_the_limit(strict_server: ServiceProcess
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
-def test_tls_applies_to_http(tiny_repository: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls_applies_to_http(tiny_repository: Path, tmp_path: Path, mutual: bool) -> None:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
 
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
             "-subj", "/CN=nnserve-http-test-ca")  # fmt: skip
     (tmp_path / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=s")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "1", "-extfile", "server.ext")  # fmt: skip
-    server = start_service(
-        "services.classify",
-        tiny_repository,
-        tmp_path / "run",
-        "--tls-cert-file",
-        str(tmp_path / "server.pem"),
-        "--tls-key-file",
-        str(tmp_path / "server.key"),
-    )
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")  # fmt: skip
+        extra = ["-extfile", "server.ext"] if name == "server" else []
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", *extra)  # fmt: skip
+    args = ["--tls-cert-file", str(tmp_path / "server.pem"), "--tls-key-file", str(tmp_path / "server.key")]
+    if mutual:
+        args += ["--tls-client-ca-file", str(tmp_path / "ca.pem")]
+    server = start_service("services.classify", tiny_repository, tmp_path / "run", *args)
     try:
         port = server.http_port
         assert port
         context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        if mutual:
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                call(port, "GET", "/v2/health/ready", tls=context)  # no client certificate
+            context.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
         assert call(port, "GET", "/v2/health/ready", tls=context).json() == {"ready": True}
         with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
             call(port, "GET", "/v2/health/ready")  # plaintext to a TLS port
@@ -557,12 +560,12 @@ def test_tls_applies_to_http(tiny_repository: Path, tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_http_ready_503_then_exits(tiny_repository: Path, tmp_path: Path) -> None:
-    server = start_service("services.classify", tiny_repository, tmp_path, "--shutdown-delay-s", "5")
+    server = start_service("services.classify", tiny_repository, tmp_path, "--shutdown-delay-s", "8")
     port = server.http_port
     assert port
     assert call(port, "GET", "/v2/health/ready").status == 200
     server.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 4
+    deadline = time.monotonic() + 6  # well inside the 8 s during which draining answers 503
     ready = call(port, "GET", "/v2/health/ready")
     while ready.status == 200 and time.monotonic() < deadline:
         time.sleep(0.05)
