@@ -8,12 +8,13 @@ or not, works the same way, so nothing here downloads anything.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from services.core.manifest import file_sha256  # noqa: F401 - the one checksum helper, for the scripts
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -103,12 +104,3 @@ def fake_split(n: int, seed: int = 0) -> Split:
         row = 2 + 2 * int(label)
         images[i, row : row + 3, 4:24] = 220
     return Split(images=images, labels=labels, source=f"fake(n={n}, seed={seed})")
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

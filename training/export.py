@@ -23,8 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from services.core.manifest import MANIFEST_FILE, Manifest, TensorSpec, TrainingInfo
-from training.data import file_sha256
+from services.core.manifest import MANIFEST_FILE, ONNXRUNTIME_DTYPES, Manifest, TensorSpec, TrainingInfo, file_sha256
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -142,13 +141,12 @@ def tensor_specs(
     ``ranges`` gives the valid inclusive [low, high] of index-like integer inputs (labels,
     timesteps), which serving enforces before a request joins a batch.
     """
-    dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(uint8)": "uint8"}
     ranges = ranges or {}
 
     def spec(arg: Any) -> TensorSpec:
         shape = [d if isinstance(d, int) else -1 for d in arg.shape]
         return TensorSpec(
-            name=arg.name, dtype=dtypes[arg.type], shape=shape, range=ranges.get(arg.name)  # type: ignore[arg-type]
+            name=arg.name, dtype=ONNXRUNTIME_DTYPES[arg.type], shape=shape, range=ranges.get(arg.name)  # type: ignore[arg-type]
         )
 
     return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]

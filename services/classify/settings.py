@@ -7,10 +7,10 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.core.settings import ServiceSettings
+from services.core.settings import ImageServiceSettings
 
 
-class ClassifySettings(ServiceSettings):
+class ClassifySettings(ImageServiceSettings):
     """Settings of the classify service (environment prefix ``NNSERVE_CLASSIFY_``)."""
 
     model_config = SettingsConfigDict(env_prefix="NNSERVE_CLASSIFY_", extra="forbid", protected_namespaces=())
@@ -23,11 +23,4 @@ class ClassifySettings(ServiceSettings):
     http_port: int | None = Field(8001, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9101, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("classifier", description="Model in the repository to serve.")
-    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
-    max_request_pixels: int = Field(
-        64_000_000,
-        ge=1,
-        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
-        "INVALID_ARGUMENT before any decoding.",
-    )
     default_top_k: int = Field(5, ge=1, le=10, description="top_k when a request leaves it 0.")

@@ -2,21 +2,47 @@
 
 Training writes ``models/<name>/<version>/manifest.json`` with :func:`Manifest.write`; serving reads
 it with :func:`Manifest.read`. Both sides import this module, so the schema cannot drift. It
-depends on pydantic only (no torch, no grpc).
+depends on pydantic and numpy only (no torch, no grpc), and holds what both sides need besides the
+schema: the dtype tables and the file checksum.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
 
 DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
+# The one dtype table: a manifest dtype as numpy's, and onnxruntime's type names as manifest dtypes.
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+ONNXRUNTIME_DTYPES: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file (the checksum a manifest records and serving verifies)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class TensorSpec(BaseModel):
@@ -49,7 +75,7 @@ class OodCalibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    score: Literal["energy", "max_softmax", "reconstruction_mse"]
+    score: Literal["energy", "max_softmax", "reconstruction_mse", "mahalanobis_energy"]
     threshold: float
     higher_is_more_ood: bool = True
     calibration: str
@@ -99,5 +125,9 @@ class Manifest(BaseModel):
 
     def write(self, path: Path | str) -> None:
         """Write the manifest as stable, human-readable JSON."""
-        text = json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False)
+        data = self.model_dump(mode="json")
+        for spec in (*data["inputs"], *data["outputs"]):
+            if spec.get("range") is None:
+                spec.pop("range", None)  # only index-like inputs declare one
+        text = json.dumps(data, indent=2, sort_keys=False)
         Path(path).write_text(text + "\n")

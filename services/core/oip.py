@@ -18,7 +18,7 @@ from grpc import aio
 from services.core.convert import deadline_of
 from services.core.dataplane import DataPlane
 from services.core.errors import InvalidInput, shorten
-from services.core.manifest import Manifest, TensorSpec
+from services.core.manifest import NUMPY_DTYPES, Manifest, TensorSpec
 from services.proto.inference import grpc_service_pb2 as pb
 from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from services.proto.inference import model_config_pb2 as config_pb
@@ -51,14 +51,8 @@ _DTYPES = [
     _DType("FP64", np.dtype("<f8"), "fp64_contents", config_pb.TYPE_FP64),
 ]
 BY_OIP_NAME = {d.name: d for d in _DTYPES}
-BY_MANIFEST = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-}
+# A manifest dtype's OIP name, through the one dtype table.
+BY_MANIFEST = {name: next(d.name for d in _DTYPES if d.numpy == dtype) for name, dtype in NUMPY_DTYPES.items()}
 
 
 def _spec_dtype(spec: TensorSpec) -> _DType:

@@ -12,7 +12,6 @@ which manifest of the chosen version is read.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.core.errors import ModelLoadError, ModelNotFound
-from services.core.manifest import MANIFEST_FILE, Manifest
+from services.core.manifest import MANIFEST_FILE, Manifest, file_sha256
 
 DEFAULT_PRECISION = "fp32"
 
@@ -35,14 +34,6 @@ def manifest_file(precision: str = DEFAULT_PRECISION) -> str:
     if not _PRECISION.match(precision):
         raise ModelNotFound(f"precision {precision!r} is not valid (lowercase letters and digits)")
     return f"manifest.{precision}.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -136,7 +127,7 @@ class ModelRepository:
             raise ModelLoadError(f"{manifest_path}: file {manifest.file!r} must be inside the version directory")
         if not onnx_path.is_file():
             raise ModelLoadError(f"{onnx_path}: model file missing")
-        actual = _sha256(onnx_path)
+        actual = file_sha256(onnx_path)
         if actual != manifest.sha256:
             raise ModelLoadError(f"{onnx_path}: sha256 {actual} does not match manifest {manifest.sha256}")
         return ModelVersion(name=name, version=chosen, directory=directory, manifest=manifest)

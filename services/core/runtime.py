@@ -9,19 +9,11 @@ import numpy as np
 import onnxruntime as ort
 
 from services.core.errors import ModelLoadError
-from services.core.manifest import TensorSpec
+from services.core.manifest import NUMPY_DTYPES, TensorSpec
 from services.core.repository import ModelVersion
 
 log = logging.getLogger(__name__)
 
-_NUMPY_DTYPES = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "int64": np.int64,
-    "int32": np.int32,
-    "uint8": np.uint8,
-    "bool": np.bool_,
-}
 
 
 def choose_providers(requested: Iterable[str]) -> list[str]:
@@ -115,4 +107,4 @@ class OnnxModel:
 
 def _zeros(spec: TensorSpec, batch: int) -> np.ndarray:
     shape = [batch if i == 0 else (d if d > 0 else 1) for i, d in enumerate(spec.shape)]
-    return np.zeros(shape, dtype=_NUMPY_DTYPES[spec.dtype])
+    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.dtype])

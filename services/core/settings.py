@@ -148,6 +148,18 @@ class ServiceSettings(BaseSettings):
 S = TypeVar("S", bound=ServiceSettings)
 
 
+class ImageServiceSettings(ServiceSettings):
+    """Settings of services that take encoded images: how many, and how many pixels, one request may carry."""
+
+    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
+        "INVALID_ARGUMENT before any decoding.",
+    )
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[ServiceSettings]) -> None:
     """One ``--kebab-case`` flag per settings field; flags override environment variables."""
     prefix = cls.model_config.get("env_prefix", "")

@@ -7,10 +7,10 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.core.settings import ServiceSettings
+from services.core.settings import ImageServiceSettings
 
 
-class RestoreSettings(ServiceSettings):
+class RestoreSettings(ImageServiceSettings):
     """Settings of the restore service (environment prefix ``NNSERVE_RESTORE_``)."""
 
     model_config = SettingsConfigDict(env_prefix="NNSERVE_RESTORE_", extra="forbid", protected_namespaces=())
@@ -23,10 +23,3 @@ class RestoreSettings(ServiceSettings):
     http_port: int | None = Field(8002, ge=0, le=65535, description="HTTP/REST port; unset disables it.")
     metrics_port: int | None = Field(9102, ge=0, le=65535, description="Metrics HTTP port.")
     model_name: str = Field("autoencoder", description="Model in the repository to serve.")
-    max_images_per_request: int = Field(1024, ge=1, description="Most images one request may carry.")
-    max_request_pixels: int = Field(
-        64_000_000,
-        ge=1,
-        description="Most pixels the encoded images of one request may decode to, summed; larger requests get "
-        "INVALID_ARGUMENT before any decoding.",
-    )
