@@ -8,8 +8,10 @@ Every server runs pinned to core 0 with one onnxruntime thread on models/classif
 from benchmarks/peers/, in their venvs when present: make bench-venvs); the client, one process on
 core 1, is a closed-loop aiohttp caller: C callers each send ``POST /v2/models/classifier/infer`` with
 one 28x28 image as JSON tensor data (what every v2 REST server accepts), or, for nnserve, also as
-Triton binary tensor data. Then Triton's perf_analyzer (.venv-triton) measures nnserve at 16 callers
-over gRPC and over HTTP, so the HTTP-vs-gRPC ratio comes from one C++ client for both protocols.
+Triton binary tensor data. Beside throughput and latency, each row has the server's CPU time per
+request (from /proc, its threads and children): unlike req/s, it hardly moves on a busy machine.
+Then Triton's perf_analyzer (.venv-triton) measures nnserve at 16 callers over gRPC and over HTTP,
+so the HTTP-vs-gRPC ratio comes from one C++ client for both protocols.
 Results go to benchmarks/results/http.json.
 """
 
@@ -54,8 +56,8 @@ def wait_http(url: str, timeout: float = 90.0) -> None:
 
 
 @contextmanager
-def server(name: str, workdir: Path) -> Iterator[tuple[int, int]]:
-    """Start ``name`` (nnserve, kserve, mlserver) pinned to core 0; yields (HTTP port, gRPC port)."""
+def server(name: str, workdir: Path) -> Iterator[tuple[int, int, int]]:
+    """Start ``name`` (nnserve, kserve, mlserver) pinned to core 0; yields (HTTP port, gRPC port, pid)."""
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cwd = ROOT
@@ -93,7 +95,7 @@ def server(name: str, workdir: Path) -> Iterator[tuple[int, int]]:
     try:
         wait_http(f"http://127.0.0.1:{http_port}/v2/models/classifier/ready")
         time.sleep(0.5)
-        yield http_port, grpc_port
+        yield http_port, grpc_port, proc.pid
     finally:
         proc.terminate()
         try:
@@ -101,6 +103,27 @@ def server(name: str, workdir: Path) -> Iterator[tuple[int, int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its descendants so far."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def inference_count(http_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/classifier/stats", timeout=10) as reply:
+        return int(json.loads(reply.read())["model_stats"][0]["inference_count"])
 
 
 def request_body(binary: bool) -> tuple[bytes, dict[str, str]]:
@@ -126,17 +149,19 @@ async def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrenc
 
     latencies: list[float] = []
     errors = 0
+    total = 0
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         start = time.perf_counter()
         measure_from, stop_at = start + 1.0, start + 1.0 + seconds
 
         async def caller() -> None:
-            nonlocal errors
+            nonlocal errors, total
             while (now := time.perf_counter()) < stop_at:
                 async with session.post(url, data=body, headers=headers) as reply:
                     await reply.read()
                     ok = reply.status == 200
+                total += 1
                 done = time.perf_counter()
                 if now >= measure_from:
                     if ok:
@@ -150,7 +175,8 @@ async def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrenc
     def pct(q: float) -> float:
         return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
 
-    return {"rps": len(latencies) / seconds, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "errors": errors}
+    report = {"rps": len(latencies) / seconds, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "errors": errors}
+    return report | {"total": total}
 
 
 def load(url: str, binary: bool, concurrency: int, seconds: float) -> dict:
@@ -190,13 +216,13 @@ def markdown(results: dict) -> str:
         "`python benchmarks/http_bench.py` (server on core 0, one onnxruntime thread, models/classifier/1; one",
         f"aiohttp client process on core 1, closed loop, one image per request, {results['seconds']:g} s per point).",
         "",
-        "| server | body | callers | req/s | p50 ms | p99 ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| server | body | callers | req/s | p50 ms | p99 ms | errors | server CPU per request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         lines.append(
             f"| {row['server']} | {row['body']} | {row['concurrency']} | {row['rps']:.0f} | {row['p50_ms']:.2f} | "
-            f"{row['p99_ms']:.2f} | {row['errors']} |"
+            f"{row['p99_ms']:.2f} | {row['errors']} | {row['server_cpu_us']:.0f} us |"
         )
     pa = results.get("perf_analyzer", {})
     if pa.get("grpc") and pa.get("http"):
@@ -206,7 +232,8 @@ def markdown(results: dict) -> str:
             f"perf_analyzer against nnserve at {results['pa_concurrency']} callers: "
             f"gRPC {pa['grpc']['rps']:.0f} infer/s "
             f"(p99 {pa['grpc']['p99_ms']:.2f} ms), HTTP {pa['http']['rps']:.0f} infer/s (p99 "
-            f"{pa['http']['p99_ms']:.2f} ms): HTTP/gRPC = {ratio:.2f}.",
+            f"{pa['http']['p99_ms']:.2f} ms): HTTP/gRPC = {ratio:.2f}; server CPU per inference gRPC "
+            f"{pa['grpc']['server_cpu_us']:.0f} us, HTTP {pa['http']['server_cpu_us']:.0f} us.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -240,22 +267,25 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"seconds": args.seconds, "rows": [], "pa_concurrency": 16}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["nnserve", *peers]:
-            with server(name, Path(tmp)) as (http_port, grpc_port):
+            with server(name, Path(tmp)) as (http_port, grpc_port, pid):
                 url = f"http://127.0.0.1:{http_port}/v2/models/classifier/infer"
                 for binary in (False, True) if name == "nnserve" else (False,):
                     for concurrency in args.concurrency:
+                        cpu = cpu_seconds(pid)
                         row = load(url, binary, concurrency, args.seconds)
+                        row["server_cpu_us"] = (cpu_seconds(pid) - cpu) / max(1, row["total"]) * 1e6
                         row |= {"server": name, "body": "binary" if binary else "JSON", "concurrency": concurrency}
                         results["rows"].append(row)
                         print(json.dumps(row), flush=True)
                 if name == "nnserve":
-                    results["perf_analyzer"] = {
-                        protocol: perf_analyzer(address, protocol, 16, args.seconds)
-                        for protocol, address in (
-                            ("grpc", f"127.0.0.1:{grpc_port}"),
-                            ("http", f"127.0.0.1:{http_port}"),
-                        )
-                    }
+                    results["perf_analyzer"] = {}
+                    for protocol, address in (("grpc", f"127.0.0.1:{grpc_port}"), ("http", f"127.0.0.1:{http_port}")):
+                        cpu, count = cpu_seconds(pid), inference_count(http_port)
+                        pa = perf_analyzer(address, protocol, 16, args.seconds)
+                        if pa:
+                            served = max(1, inference_count(http_port) - count)
+                            pa["server_cpu_us"] = (cpu_seconds(pid) - cpu) / served * 1e6
+                        results["perf_analyzer"][protocol] = pa
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "http.json").write_text(json.dumps(results, indent=2))
     section = markdown(results)

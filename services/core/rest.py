@@ -181,8 +181,11 @@ def infer_request(
             f"the binary part of the body has {len(binary)} bytes, the inputs' binary_data_size add up to {offset}",
         )
     contents = {i: oip.BY_OIP_NAME[request.inputs[i].datatype].contents for i in arrays}
-    if len(arrays) == len(raws) and all(contents.values()):
-        # All JSON: typed contents, so decode_inputs checks and words everything as for a gRPC client.
+    counted = all(a.size == int(np.prod(list(request.inputs[i].shape))) for i, a in arrays.items())
+    if len(arrays) == len(raws) and all(contents.values()) and not counted:
+        # All JSON with a count problem: typed contents, so decode_inputs checks and words everything
+        # (datatype and shape first) as for a gRPC client. Well-counted data goes raw: the same arrays
+        # and checks, without a round trip through protobuf's repeated fields.
         for i, array in arrays.items():
             getattr(request.inputs[i].contents, contents[i]).extend(array.tolist())
     else:  # gRPC's raw_input_contents is all or nothing: JSON inputs beside binary ones go raw too
