@@ -9,6 +9,7 @@ import base64
 import http.client
 import io
 import json
+import re
 import shutil
 import signal
 import ssl
@@ -33,7 +34,7 @@ from services.core.transcode import RULES
 from services.proto.inference import grpc_service_pb2 as oip_pb
 from services.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
-from tests.helpers import ServiceProcess, metric_value, start_service
+from tests.helpers import ROOT, ServiceProcess, metric_value, start_service
 
 TOKEN = "http-test-token"
 BINARY = "Inference-Header-Content-Length"
@@ -471,6 +472,41 @@ def test_closing_an_event_stream_cancels_its_sampling(generate_server: ServicePr
         assert time.monotonic() < deadline, "the job of a closed stream was not cancelled"
         time.sleep(0.05)
     assert post_json(port, "/v1/generate", {"count": 1}).status == 200
+
+
+def readme_http_commands() -> list[str]:
+    """The commands of the README's "HTTP" section: lines indented under a command continue it."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## HTTP\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    commands: list[str] = []
+    for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
+        for line in block.splitlines():
+            if line.startswith((" ", "\t")) and commands:
+                commands[-1] += "\n" + line
+            elif line.strip() and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def test_readme_http_examples_run_as_written(
+    classify_server: ServiceProcess, restore_server: ServiceProcess, generate_server: ServiceProcess, tmp_path: Path
+) -> None:
+    """Every curl line of README "HTTP" succeeds (curl --fail) from a directory holding examples/; only the
+    ports change."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    ports = {8001: classify_server.http_port, 8002: restore_server.http_port, 8003: generate_server.http_port}
+    commands = readme_http_commands()
+    assert len(commands) >= 14, commands
+    for command in commands:
+        run = re.sub(r"localhost:(800[123])", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", command)
+        run = re.sub(r"\bcurl ", "curl --fail --silent --show-error ", run)
+        result = subprocess.run(
+            ["bash", "-c", f"set -o pipefail\n{run}"], cwd=tmp_path, capture_output=True, timeout=60
+        )
+        assert result.returncode == 0, (command, result.stdout[-500:], result.stderr[-500:])
+    for name in ("restored.png", "grid.png"):
+        Image.open(tmp_path / name).verify()
 
 
 # --- auth, size limits, TLS, drain ----------------------------------------------------------------
