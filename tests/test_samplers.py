@@ -134,3 +134,135 @@ def test_job_loop_matches_the_reference_loop(guidance: float, steps: int) -> Non
     )
     np.testing.assert_allclose(job.images(), expected.numpy(), rtol=1e-4, atol=1e-4)
     assert len(previews) == steps and all(p is not None for p in previews)
+
+
+# The service: DPM-Solver++ requests through the real generate service (tiny denoiser, conftest).
+
+
+def dpm_request(count: int, seed: int, steps: int, guidance: float = 2.0, labels: tuple[int, ...] = ()) -> object:
+    from services.proto.nnserve.v1 import generate_pb2
+
+    request = generate_pb2.GenerateRequest(
+        model=generate_pb2.GENERATOR_MODEL_DIFFUSION,
+        count=count,
+        labels=list(labels),
+        seed=seed,
+        output=generate_pb2.GENERATE_OUTPUT_TENSOR,
+    )
+    request.diffusion.sampler = generate_pb2.SAMPLER_DPM_SOLVER_PP
+    request.diffusion.steps = steps
+    request.diffusion.guidance_scale = guidance
+    return request
+
+
+def tensor_of(reply) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.frombuffer(reply.tensor.data, dtype="<f4").reshape(reply.tensor.shape)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_service_dpm_solver_matches_the_reference_loop(generate_server, tiny_repository, guidance: float) -> None:  # type: ignore[no-untyped-def]
+    """The service's DPM-Solver++ equals the reference sampler on the same x_T and the same ONNX denoiser."""
+    import grpc
+    import onnxruntime as ort
+
+    from services.core.manifest import Manifest
+    from services.proto.nnserve.v1 import generate_pb2_grpc
+
+    labels, steps, seed = (1, 4, 9), 7, 21
+    with grpc.insecure_channel(generate_server.address) as channel:
+        reply = generate_pb2_grpc.GenerateServiceStub(channel).Generate(
+            dpm_request(3, seed, steps, guidance, labels), timeout=30
+        )
+    initial = np.random.default_rng(seed).standard_normal((3, 1, 28, 28), dtype=np.float32)
+    directory = tiny_repository / "diffusion_denoiser" / "1"
+    schedule = DiffusionSchedule.from_manifest(Manifest.read(directory / "manifest.json"))
+    session = ort.InferenceSession(str(directory / "model.onnx"))
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"x_t": x.numpy(), "t": t.numpy(), "label": label.numpy()})[0])
+
+    expected = reference.sample(
+        denoiser,
+        torch.tensor(labels),
+        schedule.alphas_cumprod,
+        steps,
+        schedule.null_class,
+        guidance,
+        initial=torch.from_numpy(initial),
+        method="dpmpp2m",
+    )
+    np.testing.assert_allclose(tensor_of(reply), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_service_dpm_solver_is_deterministic_by_seed_and_streams_progress(generate_server) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+
+    from services.proto.nnserve.v1 import generate_pb2_grpc
+
+    with grpc.insecure_channel(generate_server.address) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        a, b, c = (stub.Generate(dpm_request(2, seed, 5), timeout=30) for seed in (4, 4, 5))
+        request = dpm_request(2, 4, 5)
+        request.diffusion.preview_every = 2
+        events = list(stub.GenerateStream(request, timeout=30))
+    assert a.tensor.data == b.tensor.data != c.tensor.data
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5] and {p.total_steps for p in progress} == {5}
+    assert [bool(p.preview_png) for p in progress] == [False, True, False, True, True]
+    assert events[-1].result.tensor.data == a.tensor.data  # streaming samples the same images
+
+
+def test_mixed_samplers_share_denoiser_calls_and_keep_their_results(generate_server) -> None:  # type: ignore[no-untyped-def]
+    """DDIM and DPM-Solver++ requests with different step counts run in the same denoiser calls, and
+    each gets exactly what it gets alone."""
+    import asyncio
+
+    import grpc
+
+    from services.client import GenerateClient
+    from services.proto.nnserve.v1 import generate_pb2_grpc
+    from tests.helpers import metric_value
+
+    requests = [dpm_request(1, i, steps, 1.0) for i, steps in enumerate((6, 9, 12))]
+    requests += [
+        GenerateClient.request(
+            model="diffusion", count=1, steps=steps, seed=10 + i, guidance_scale=1.0, output="tensor"
+        )
+        for i, steps in enumerate((15, 20, 25))
+    ]
+
+    async def run() -> list:  # type: ignore[type-arg]
+        async with grpc.aio.insecure_channel(generate_server.address) as channel:
+            stub = generate_pb2_grpc.GenerateServiceStub(channel)
+            return await asyncio.gather(*(stub.Generate(r, timeout=60) for r in requests))
+
+    before = generate_server.metrics_text()
+    together = asyncio.run(run())
+    after = generate_server.metrics_text()
+    with grpc.insecure_channel(generate_server.address) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        alone = [stub.Generate(r, timeout=60) for r in requests]
+    for x, y in zip(together, alone, strict=True):
+        assert x.tensor.data == y.tensor.data
+    name = "diffusion_denoiser"
+    rows = metric_value(after, "nnserve_model_inference_rows_total", model=name) - metric_value(
+        before, "nnserve_model_inference_rows_total", model=name
+    )
+    calls = metric_value(after, "nnserve_model_executions_total", model=name) - metric_value(
+        before, "nnserve_model_executions_total", model=name
+    )
+    assert rows == 6 + 9 + 12 + 15 + 20 + 25
+    assert calls < rows / 2, f"{calls} denoiser calls for {rows} rows: steps were not shared"
+
+
+def test_dpm_solver_request_past_its_deadline_stops(generate_server) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+
+    from services.proto.nnserve.v1 import generate_pb2_grpc
+
+    with grpc.insecure_channel(generate_server.address) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Generate(dpm_request(8, 1, 1000), timeout=0.05)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stub.Generate(dpm_request(1, 1, 3), timeout=30).tensor.shape == [1, 1, 28, 28]
