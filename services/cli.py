@@ -276,8 +276,8 @@ def _generate(args: argparse.Namespace) -> int:
         labels=args.label,
         seed=args.seed,
         output="grid" if args.out.suffix == ".png" else "pngs",
-        sampler=args.sampler or "ddim",
-        steps=args.steps or 50,
+        sampler=args.sampler or "default",
+        steps=args.steps or 0,
         eta=args.eta or 0.0,
         guidance_scale=args.guidance_scale,
     )
@@ -514,10 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_bounded(int, 0, 2**64 - 1), default=None, help="same seed, same images (default: random)"
     )
     generate.add_argument(
-        "--sampler", choices=["ddim", "ddpm"], default=None, help="diffusion only: the sampler (default: ddim)"
+        "--sampler",
+        choices=["ddim", "ddpm", "dpm++"],
+        default=None,
+        help="diffusion only: the sampler (default: the model's, DPM-Solver++ for the shipped denoiser)",
     )
     generate.add_argument(
-        "--steps", type=_bounded(int, 1), default=None, help="diffusion only: denoising steps (default: 50)"
+        "--steps",
+        type=_bounded(int, 1),
+        default=None,
+        help="diffusion only: denoising steps (default: the sampler's, 10 for DPM-Solver++, 50 for DDIM/DDPM)",
     )
     generate.add_argument(
         "--eta", type=_bounded(float, 0.0, 1.0), default=None, help="diffusion only: DDIM noise, 0-1 (default: 0)"

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from services.cli import main
@@ -128,3 +129,13 @@ def test_up_starts_the_suite_and_stops_on_sigterm(tiny_repository: Path) -> None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, text
+
+
+def test_list_settings_from_the_environment_take_commas_or_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's NNSERVE_CLASSIFY_PROVIDERS=A,B failed with a SettingsError (JSON was required)."""
+    from services.classify.settings import ClassifySettings
+
+    monkeypatch.setenv("NNSERVE_CLASSIFY_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
+    assert ClassifySettings().providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setenv("NNSERVE_CLASSIFY_PROVIDERS", '["CPUExecutionProvider"]')
+    assert ClassifySettings().providers == ["CPUExecutionProvider"]

@@ -77,6 +77,7 @@ def test_service_sampling_matches_reference_loop(
             steps=steps,
             eta=eta,
             guidance_scale=guidance,
+            sampler="ddim",  # the reference loop is DDIM; the service's default is DPM-Solver++
         )
     rng = np.random.default_rng(seed)
     initial = rng.standard_normal((3, 1, 28, 28), dtype=np.float32)

@@ -151,6 +151,16 @@ class RestoreClient(_Client):
         return self.stub.Restore(request, timeout=timeout)
 
 
+# Sampler names for requests; "default" leaves the choice (and the default steps and guidance that
+# go with it) to the service, which takes them from the denoiser's manifest.
+SAMPLERS = {
+    "default": generate_pb2.SAMPLER_UNSPECIFIED,
+    "ddim": generate_pb2.SAMPLER_DDIM,
+    "ddpm": generate_pb2.SAMPLER_DDPM,
+    "dpm++": generate_pb2.SAMPLER_DPM_SOLVER_PP,
+}
+
+
 class GenerateClient(_Client):
     """Blocking client of nnserve.v1.GenerateService."""
 
@@ -165,7 +175,7 @@ class GenerateClient(_Client):
         labels: Sequence[int] = (),
         seed: int | None = None,
         output: str = "pngs",
-        sampler: str = "ddim",
+        sampler: str = "default",
         steps: int = 0,
         eta: float = 0.0,
         guidance_scale: float | None = None,
@@ -185,7 +195,7 @@ class GenerateClient(_Client):
         if seed is not None:
             request.seed = seed
         options = request.diffusion
-        options.sampler = generate_pb2.SAMPLER_DDPM if sampler == "ddpm" else generate_pb2.SAMPLER_DDIM
+        options.sampler = SAMPLERS[sampler]
         options.steps, options.eta, options.preview_every = steps, eta, preview_every
         if guidance_scale is not None:
             options.guidance_scale = guidance_scale

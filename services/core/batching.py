@@ -40,6 +40,11 @@ from services.core.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
+# After a model call of at least this many rows, a batcher that then stays idle for
+# IDLE_RELEASE_S gives the arena memory the call grew back (see OnnxModel.release_memory).
+RELEASE_AFTER_ROWS = 64
+IDLE_RELEASE_S = 2.0
+
 # A server sees a call's deadline a little after the client set it (the call's transit time), so
 # a call cancelled this close to its deadline is counted as timed out rather than abandoned.
 DEADLINE_SLACK_S = 0.1
@@ -112,6 +117,25 @@ class _Request:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+async def idle_release(
+    wakeup: asyncio.Event, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, release: Callable[[], None]
+) -> bool:
+    """Wait for ``wakeup``; if it stays unset for IDLE_RELEASE_S, run ``release`` in ``executor``.
+
+    Returns whether it released (False: woken first, with nothing done).
+    """
+    try:
+        await asyncio.wait_for(wakeup.wait(), IDLE_RELEASE_S)
+        return False
+    except TimeoutError:
+        pass
+    try:
+        await loop.run_in_executor(executor, release)
+    except Exception:  # giving memory back is best effort
+        log.exception("releasing model memory failed")
+    return True
+
+
 class DynamicBatcher:
     """Merges concurrent ``submit`` calls into batched calls of ``predict``."""
 
@@ -127,9 +151,12 @@ class DynamicBatcher:
         enabled: bool = True,
         metrics: ModelMetrics | None = None,
         inline_max_rows: int = 0,
+        release: Callable[[], None] | None = None,
     ) -> None:
         self._predict = predict
         self.inline_max_rows = inline_max_rows
+        self._release = release
+        self._grown = False  # a large call ran since memory was last released
         self._executing = False  # a batch is running in the executor
         self.name = name
         self.max_batch_size = max_batch_size if enabled else 1
@@ -254,7 +281,10 @@ class DynamicBatcher:
         while self._accepting or self._queue:
             if not self._queue:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if self._grown and self._release is not None:
+                    self._grown = not await idle_release(self._wakeup, loop, self._executor, self._release)
+                else:
+                    await self._wakeup.wait()
                 continue
             batch = await self._collect(loop)
             batch = self._drop_unrunnable(batch)
@@ -363,6 +393,7 @@ class DynamicBatcher:
             return
         self._executing = False
         finished = time.perf_counter()
+        self._grown |= rows >= RELEASE_AFTER_ROWS
         self._account(rows, len(batch), started, finished, [r.enqueued for r in batch])
         if len(batch) == 1:
             if not batch[0].future.done():

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from services.core.batching import BatchStats, failure_for
+from services.core.batching import RELEASE_AFTER_ROWS, BatchStats, failure_for, idle_release
 from services.core.errors import DeadlineExpired, Overloaded, Unavailable
 from services.core.metrics import ModelMetrics
 
@@ -124,8 +124,11 @@ class StepBatcher:
         max_queue_wait_s: float = 0.0,
         enabled: bool = True,
         metrics: ModelMetrics | None = None,
+        release: Callable[[], None] | None = None,
     ) -> None:
         self._predict = predict
+        self._release = release
+        self._grown = False
         self.name = name
         self.output = output
         self.max_rows_per_call = max_rows_per_call
@@ -300,7 +303,10 @@ class StepBatcher:
                 self._wakeup.clear()
                 if not self._accepting and not self._waiting:
                     break
-                await self._wakeup.wait()
+                if self._grown and self._release is not None:
+                    self._grown = not await idle_release(self._wakeup, loop, self._executor, self._release)
+                else:
+                    await self._wakeup.wait()
                 continue
             await self._step(loop, chosen)
 
@@ -334,6 +340,7 @@ class StepBatcher:
                 self._retire(chosen[0], failure)
             return
         elapsed = time.perf_counter() - started
+        self._grown |= rows >= RELEASE_AFTER_ROWS
         self._account(rows, elapsed)
         output, offset = outputs[self.output], 0
         for entry in chosen:

@@ -70,7 +70,12 @@ class Deployment(Generic[V]):
 
 
 def make_batcher(
-    settings: ServiceSettings, predict: Predict, name: str, metrics: Metrics, provider: str = "CPUExecutionProvider"
+    settings: ServiceSettings,
+    predict: Predict,
+    name: str,
+    metrics: Metrics,
+    provider: str = "CPUExecutionProvider",
+    release: Callable[[], None] | None = None,
 ) -> DynamicBatcher:
     """A dynamic batcher over ``predict`` configured from the service's settings.
 
@@ -89,6 +94,7 @@ def make_batcher(
         enabled=settings.batching,
         metrics=metrics.for_model(name),
         inline_max_rows=settings.inline_max_rows if inline else 0,
+        release=release,
     )
 
 
@@ -134,7 +140,9 @@ class ModelSlot(Generic[V]):
             view = self.make_view(resolved.manifest, runtime)
         except (KeyError, ValueError) as exc:
             raise ModelLoadError(f"{resolved.directory / 'manifest.json'}: not usable by this service: {exc}") from None
-        batcher = make_batcher(settings, runtime.predict, resolved.name, self.metrics, runtime.provider)
+        batcher = make_batcher(
+            settings, runtime.predict, resolved.name, self.metrics, runtime.provider, runtime.release_memory
+        )
         self.metrics.model_info.labels(
             self.metrics.service, resolved.name, str(resolved.version), runtime.provider, resolved.precision
         ).set(1)

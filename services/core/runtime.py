@@ -15,7 +15,6 @@ from services.core.repository import ModelVersion
 log = logging.getLogger(__name__)
 
 
-
 def choose_providers(requested: Iterable[str]) -> list[str]:
     """The requested providers that this onnxruntime build offers, in order; CPU as the last resort."""
     available = set(ort.get_available_providers())
@@ -95,6 +94,17 @@ class OnnxModel:
         outputs = self.session.run(self.output_names, dict(inputs))
         return dict(zip(self.output_names, outputs, strict=True))
 
+    def release_memory(self) -> None:
+        """Give the memory that large batches grew onnxruntime's CPU arena by back to the system.
+
+        The arena keeps its peak for good: 40 diffusion streams took the generate service from 230
+        to 600 MiB, still held when they were gone. A one-row run with arena shrinkage frees every
+        unused chunk (~0.3 s for that arena). The batchers call this once they have been idle for
+        a while after a large batch, never on a request's path.
+        """
+        if self.provider == "CPUExecutionProvider":
+            self.session.run(self.output_names, self.example_inputs(1), _SHRINK_CPU_ARENA)
+
     def example_inputs(self, batch: int) -> dict[str, np.ndarray]:
         """Zero inputs of the manifest's shapes with ``batch`` rows (for warm-up)."""
         return {spec.name: _zeros(spec, batch) for spec in self.manifest.inputs}
@@ -103,6 +113,10 @@ class OnnxModel:
         """Run once at each batch size so the first real requests do not pay for lazy set-up."""
         for batch in batch_sizes:
             self.predict(self.example_inputs(batch))
+
+
+_SHRINK_CPU_ARENA = ort.RunOptions()
+_SHRINK_CPU_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
 def _zeros(spec: TensorSpec, batch: int) -> np.ndarray:

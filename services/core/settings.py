@@ -11,26 +11,33 @@ defaults) and passed down; nothing else in the package reads the environment.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if one is set."""
+    """CPUs this process may use: its affinity mask, capped by a cgroup (v2 or v1) CPU quota if one is set."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    try:
+    try:  # cgroup v2
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
             cpus = min(cpus, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):
-        pass
+        try:  # cgroup v1
+            quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if quota_us > 0 and period_us > 0:
+                cpus = min(cpus, max(1, quota_us // period_us))
+        except (OSError, ValueError):
+            pass
     return max(1, cpus)
 
 
@@ -61,9 +68,10 @@ class ServiceSettings(BaseSettings):
     )
     model_repository: Path = Field(Path("models"), description="Root of models/<name>/<version>/.")
     model_version: int | None = Field(None, ge=1, description="Version to serve; default the highest.")
-    providers: list[str] = Field(
+    providers: Annotated[list[str], NoDecode] = Field(
         ["CPUExecutionProvider"],
-        description="onnxruntime execution providers in order of preference, e.g. CUDAExecutionProvider.",
+        description="onnxruntime execution providers in order of preference, comma-separated (or a JSON list), "
+        "e.g. CUDAExecutionProvider,CPUExecutionProvider.",
     )
     precision: Literal["fp32", "int8"] = Field(
         "fp32", description="Model variant to serve: fp32, or int8 (quantized, for CPUs) where the version ships one."
@@ -133,6 +141,15 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(f"{self.auth_token_file}: empty token file")
             return token[0].strip()
         return None
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        """From the environment the list comes as text: 'A,B' as a user writes it, or JSON."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        return value
 
     @field_validator("workers")
     @classmethod

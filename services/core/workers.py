@@ -42,6 +42,17 @@ _PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF_S = 1.0
 
 
+def _state_dir() -> Path:
+    """A private directory for the workers' port files: the temporary directory, or /dev/shm in a
+    container whose root filesystem (and /tmp) is read-only."""
+    for parent in (None, "/dev/shm"):
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"nnserve-{os.getpid()}-", dir=parent))
+        except OSError:
+            continue
+    raise OSError("no writable temporary directory for the workers' state (mount a tmpfs on /tmp)")
+
+
 def free_port(host: str) -> int:
     """A port no one listens on now (the workers then share it with SO_REUSEPORT)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -132,7 +143,7 @@ def supervise(
     """
     count = settings.workers
     port = settings.port or free_port(settings.host)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"nnserve-{os.getpid()}-"))
+    run_dir = _state_dir()
     worker_settings = settings.model_copy(update={"port": port, "metrics_port": 0, "metrics_host": "127.0.0.1"})
     stopping = threading.Event()
     workers: dict[int, int] = {}  # pid -> worker index
