@@ -80,9 +80,12 @@ bench-venvs: .venv-mlserver/.installed .venv-kserve/.installed
 	.venv-kserve/bin/pip install -q kserve onnxruntime numpy
 	touch $@
 
+# On a quiet machine (nothing else running): about 15 minutes; rewrites BENCHMARKS.md.
 bench: $(VENV)/.installed-all bench-venvs
 	$(BIN)/python benchmarks/generate_bench.py --out benchmarks/results/generate.json
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/model_speed.py --seconds 4 --rounds 2 --out benchmarks/results/model_speed.json
+	$(BIN)/python benchmarks/run.py --seconds 3
+	bash benchmarks/profile_classify.sh 10
 
 # The compose deployment end to end on a local Docker engine (installs and starts one if needed;
 # builds every image offline from a debootstrap base and host-downloaded wheels). Needs root.

@@ -530,6 +530,9 @@ Single-image requests, images/s with step-level batching on and off:
 
 Step-level batching with 16 concurrent single-image requests at DDIM 50: **{g["step_batching_ratio_c16_ddim50"]}x** the images/s without it (target >= 2x).
 """
+    speed = RESULTS / "model_speed.md"
+    if speed.exists():  # benchmarks/model_speed.py, run beside this one
+        text += "\n## Model speed: INT8 and DPM-Solver++ (`python benchmarks/model_speed.py`)\n\n" + speed.read_text()
     analysis = ROOT / "benchmarks" / "analysis.md"
     if analysis.exists():  # the hand-written reading of these figures, kept beside the generated tables
         text += "\n" + analysis.read_text()
