@@ -11,7 +11,7 @@ ldconfig -p 2>/dev/null | grep -q libb64.so.0d || need+=(libb64-0d)  # perf_anal
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)  # validates compose.yaml
 command -v chromium >/dev/null 2>&1 || need+=(chromium)  # tests/test_console_browser.py
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
-[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)  # legible screenshots
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)  # legible screenshots; training/ood.py's font glyphs
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
