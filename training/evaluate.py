@@ -422,5 +422,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def ood_benchmark(
+    model_dir: Path, test: Split, images_per_set: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """AUROC and FPR at 95% TPR of a classifier graph's own ``ood_score`` output on every OOD benchmark set.
+
+    The 10,000 test images are the in-distribution side; the sets come from ``training.ood.benchmark_sets``.
+    """
+    from training import ood
+
+    session = onnx_session(model_dir / MODEL_FILE)
+    inside = run_onnx(session, {"image": to_input(test.images)})[1]
+    sets = ood.benchmark_sets(test.images, images_per_set, seed)
+    return ood.ood_table(inside, {k: run_onnx(session, {"image": to_input(v)})[1] for k, v in sets.items()})
+
+
+def robustness(model_dir: Path, test: Split, images: int = 2000, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """FGSM and PGD accuracies of a shipped classifier on the fixed test subset (``training.adversarial``)."""
+    from training.adversarial import robustness_report, test_subset
+
+    idx = test_subset(len(test), images, seed)
+    return robustness_report(model_dir / MODEL_FILE, test.images[idx], test.labels[idx], seed=seed, **kwargs)
+
+
+def save_robustness_plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy against eps under PGD-20 (solid) and FGSM (dashed), one colour per classifier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+    for i, (name, r) in enumerate(reports.items()):
+        colour = f"C{i}"
+        pgd = sorted((float(k), v) for k, v in r["pgd20"].items())
+        fgsm = sorted((float(k), v) for k, v in r["fgsm"].items())
+        for points, style, label in ((pgd, "o-", "PGD-20"), (fgsm, "s--", "FGSM")):
+            eps = [0.0] + [e for e, _ in points]
+            accuracy = [r["clean"]] + [a for _, a in points]
+            alpha = 1.0 if label == "PGD-20" else 0.6
+            ax.plot(eps, accuracy, style, color=colour, alpha=alpha, label=f"{name}, {label}")
+    ax.set_xlabel("eps (L-infinity, pixels in [0, 1])")
+    ax.set_ylabel("accuracy (onnxruntime)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"White-box attacks, {next(iter(reports.values()))['images']:,} test images")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -75,6 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epoch-size", type=int, default=0, help="images drawn per epoch (0: the whole train split)")
     p.add_argument("--adv-ramp-epochs", type=float, default=0.0, help="grow eps linearly from 0 over this long")
     p.add_argument("--checkpoint", type=Path, default=None, help="torch weights written every epoch")
+    p.add_argument("--resume-weights", type=Path, default=None, help="start from a --checkpoint file's weights")
     p.add_argument("--finalize-from", type=Path, default=None, help="skip training: export a --checkpoint file")
     p.add_argument("--robustness-images", type=int, default=2000, help="fixed test subset the attacks use")
     p.add_argument("--workers", type=int, default=1, help="attack worker processes (one thread each)")
@@ -262,7 +263,7 @@ def train(model: Classifier, train_split: Split, val_split: Split, args: argpars
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             state = best[1] if best is not None else current.state_dict()
             torch.save(
-                {"model": state, "history": history, "arch": arch_of(model), "command": command_line(args.argv)},
+                {"model": state, "arch": arch_of(model), **provenance(history, args)},
                 args.checkpoint,
             )
         log.info(
@@ -277,6 +278,16 @@ def train(model: Classifier, train_split: Split, val_split: Split, args: argpars
     final = best[1] if best is not None else (ema.model if ema is not None else model).state_dict()
     model.load_state_dict(final)
     return history
+
+
+def provenance(history: list[dict[str, float]], args: argparse.Namespace) -> dict[str, Any]:
+    """History and command of the whole run, earlier stages (``--resume-weights``) included."""
+    prior = getattr(args, "prior", None) or {"history": [], "command": ""}
+    offset = len(prior["history"])
+    return {
+        "history": prior["history"] + [{**h, "epoch": h["epoch"] + offset} for h in history],
+        "command": " && ".join(c for c in (prior["command"], command_line(args.argv)) if c),
+    }
 
 
 def adv_alpha(args: argparse.Namespace) -> float:
@@ -367,6 +378,7 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]]) -> str:
         if robust
         else "standard training"
     )
+    epoch_note = f" of {t['epoch_size']:,} images drawn from the training split" if t.get("epoch_size") else ""
     return f"""# Model card: {fields["name"]}, version {fields["version"]}
 
 A small VGG-style CNN that labels 28x28 grayscale clothing images with one of the ten
@@ -389,7 +401,7 @@ Fashion-MNIST (Xiao et al. 2017) from `{t["data"]}`: 60,000 training images, of 
 Augmentation: random horizontal flips and shifts of up to 2 pixels{", random erasing" if t.get("erasing") else ""}.
 
 ## Training
-`{t["command"]}` (export and evaluation: `{t["finalize_command"]}`), seed {t["seed"]}, {t["epochs"]} epochs from
+`{t["command"]}` (export and evaluation: `{t["finalize_command"]}`), seed {t["seed"]}, {t["epochs"]} epochs{epoch_note} from
 classifier v1's weights, {training_kind}. AdamW (weight decay {t["weight_decay"]}), cosine learning rate from {t["lr"]}
 after a {t["warmup_epochs"]}-epoch warm-up, label smoothing {t["label_smoothing"]}, dropout {t["dropout"]}, weight EMA
 {t["ema"]}, batch {t["batch_size"]}; {t["duration_s"]:.0f} s of training on {t["hardware"]}, one torch thread on a
@@ -458,11 +470,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         history = checkpoint["history"]
         duration = sum(h["seconds"] for h in history)
     else:
-        model = (
-            from_onnx(args.init_from, dropout=args.dropout)
-            if args.init_from
-            else Classifier(num_classes=len(LABELS), dropout=args.dropout)
-        )
+        if args.resume_weights is not None:
+            previous = torch.load(args.resume_weights, weights_only=True)
+            model = Classifier(num_classes=len(LABELS), dropout=args.dropout, **previous["arch"])
+            model.load_state_dict(previous["model"])
+            args.prior = {"history": previous["history"], "command": previous["command"]}
+        elif args.init_from is not None:
+            model = from_onnx(args.init_from, dropout=args.dropout)
+        else:
+            model = Classifier(num_classes=len(LABELS), dropout=args.dropout)
         started = time.perf_counter()
         history = train(model, train_split, val_split, args)
         duration = time.perf_counter() - started
@@ -472,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     fields = finalize(model, train_split, val_split, test, args)
     # Hyperparameters as the training run had them (a --finalize-from run only exports and measures).
-    targv = shlex.split(checkpoint["command"])[3:] if args.finalize_from is not None else argv
+    targv = shlex.split(checkpoint["command"].split(" && ")[-1])[3:] if args.finalize_from is not None else argv
     targs = parse_args(targv) if args.finalize_from is not None else args
     fields.update(
         parameters=parameters,
@@ -480,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             targv,
             targs.seed,
             full_train.source,
-            targs.epochs,
+            len(history),
             duration,
             lr=targs.lr,
             batch_size=targs.batch_size,
@@ -502,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             finalize_command=command_line(argv),
         ),
     )
+    if args.finalize_from is not None:
+        fields["training"].command = checkpoint["command"]  # every stage, joined by &&
     card = model_card(
         {**fields, "ood": fields["ood"].model_dump(), "training": fields["training"].model_dump()}, history
     )
