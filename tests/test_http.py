@@ -6,6 +6,7 @@ Every test talks real HTTP/1.1 (http.client) to service processes started as use
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import io
 import json
@@ -260,6 +261,21 @@ def test_inference_errors_get_4xx_and_harm_nothing(classify_server: ServiceProce
         ),
         ("header length past the body", header, {BINARY: str(len(header) + 10)}, 400, BINARY),
         ("header length not a number", header, {BINARY: "-1"}, 400, BINARY),
+        (
+            "a body that is not the gzip it claims",
+            b"\x1f\x8b not gzip",
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            400,
+            "request body: is not valid gzip data",
+        ),
+        (
+            "a gzip body cut short",
+            gzip.compress(json.dumps({"inputs": [image_input(x)]}).encode())[:-30],
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            400,
+            "request body: its gzip data ends early",
+        ),
+        ("an unknown Content-Encoding", header, {"Content-Encoding": "br"}, 415, "Content-Encoding: 'br'"),
     ]
     for name, body, headers, status, needle in cases:
         reply = call(port, "POST", infer, body, headers)
@@ -275,6 +291,9 @@ def test_inference_errors_get_4xx_and_harm_nothing(classify_server: ServiceProce
     ]:
         reply = call(port, method, path)
         assert reply.status == status and reply.error, (method, path, reply.body)
+    compressed = gzip.compress(json.dumps({"inputs": [image_input(x)]}).encode())
+    reply = call(port, "POST", infer, compressed, {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert reply.status == 200, reply.body  # as tritonclient sends with request_compression_algorithm="gzip"
     # A method llhttp does not know is refused by the HTTP parser itself, before any handler.
     assert call(port, "BREW", "/v2").status == 400
     # Nothing harmed.
@@ -550,6 +569,9 @@ def test_oversized_bodies_get_413_naming_the_limit(strict_server: ServiceProcess
     for path in ("/v2/models/classifier/infer", "/v1/classify"):
         reply = call(port, "POST", path, big, auth)
         assert reply.status == 413 and "over the limit of 65536 bytes" in reply.error, reply.body
+    bomb = gzip.compress(b" " * 2_000_000)  # 2 KB that decode to 2 MB of JSON whitespace
+    reply = call(port, "POST", "/v2/models/classifier/infer", bomb, {**auth, "Content-Encoding": "gzip"})
+    assert reply.status == 413 and "over the limit of 65536 bytes" in reply.error, reply.body
     # Chunked, so the size is only known while reading.
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:

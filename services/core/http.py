@@ -17,10 +17,12 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from services.core import errors, oip
 from services.core.credentials import server_credentials
-from services.core.http_context import HttpAbort, error_response, http_status, request_timeout
+from services.core.http_context import MAX_BODY, HttpAbort, error_response, http_status, request_timeout
 from services.core.interceptor import ServerInterceptor, status_for
 from services.core.metrics import Metrics
 from services.core.rest import OipRoutes
@@ -61,7 +63,7 @@ def route_label(request: web.Request) -> str:
 
 
 def _too_large_message(limit: int, size: int | None) -> str:
-    given = f"{size} bytes" if size is not None else "the body"
+    given = f"{size} bytes" if size is not None else "the body (decoded, or as it arrived)"
     return f"request body: {given} is over the limit of {limit} bytes (max_message_bytes)"
 
 
@@ -85,6 +87,7 @@ class HttpServer:
     def build_app(self) -> web.Application:
         """The application: OIP REST routes, the typed routes of the servicers served here, the guard."""
         app = web.Application(client_max_size=self.settings.max_message_bytes, middlewares=[self._guard])
+        app[MAX_BODY] = self.settings.max_message_bytes
         servicers = {name: servicer for _, servicer, name in self.service.servicers}
         inference = servicers.get(oip.SERVICE_NAME)
         if isinstance(inference, oip.InferenceServicer):
@@ -100,6 +103,7 @@ class HttpServer:
         self.runner = web.AppRunner(
             self.app,
             handler_cancellation=True,
+            auto_decompress=False,  # read_body decodes, with the size limit and the error mapping
             access_log=None,
             shutdown_timeout=self.settings.grace_period_s,
         )
@@ -177,8 +181,14 @@ class HttpServer:
                 if not scope.expired():
                     raise
                 return error_response(504, f"deadline of {timeout:g}s exceeded")
+        except (HttpProcessingError, RequestPayloadError) as exc:  # a body aiohttp cannot read
+            cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+            detail = cause.message.strip() if isinstance(cause, HttpProcessingError) else ""
+            return error_response(400, f"request body: {detail or 'cannot be read'}")
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, _too_large_message(self.settings.max_message_bytes, request.content_length))
+            limit = self.settings.max_message_bytes
+            length = request.content_length
+            return error_response(413, _too_large_message(limit, length if length and length > limit else None))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

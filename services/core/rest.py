@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from services.core import oip
 from services.core.errors import InvalidInput, shorten
-from services.core.http_context import HttpContext
+from services.core.http_context import HttpContext, read_body
 from services.proto.inference import grpc_service_pb2 as pb
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -322,7 +322,7 @@ class OipRoutes:
             raise web.HTTPUnsupportedMediaType(
                 text=f"Content-Type: {shorten(media)} is not accepted for inference; send {accepted}"
             )
-        body = await request.read()
+        body = await read_body(request)
         header_length = request.headers.get(BINARY_HEADER)
         if header_length is None:
             header, binary = body, b""

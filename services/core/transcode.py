@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from services.core import errors
 from services.core.errors import InvalidInput, shorten
-from services.core.http_context import HttpContext, http_status
+from services.core.http_context import HttpContext, http_status, read_body
 from services.core.interceptor import status_for
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _multipart(body: bytes, content_type: str) -> list[tuple[str, bytes, bool]]:
 async def request_message(rule: Rule, cls: type[Message], request: web.Request) -> Message:
     """The RPC's request message from the body (JSON, multipart or a raw image) and the query."""
     message = cls()
-    body = await request.read()
+    body = await read_body(request)
     media = request.content_type if "Content-Type" in request.headers else ""
     if body and media in JSON_TYPES:
         try:
