@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -299,6 +300,23 @@ def test_inference_errors_get_4xx_and_harm_nothing(classify_server: ServiceProce
     # Nothing harmed.
     assert call(port, "GET", "/v2/health/ready").status == 200
     assert post_json(port, infer, {"inputs": [image_input(x)]}).status == 200
+
+
+def test_requests_the_parser_refuses_get_400_and_no_error_log(classify_server: ServiceProcess) -> None:
+    port = classify_server.http_port
+    assert port
+    infer = b"POST /v2/models/classifier/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for raw in [
+        infer + b"Transfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n",  # a bad chunk size
+        infer + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # both framings
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n",  # a header over 8 KiB
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    ]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(raw)
+            assert connection.recv(100).startswith(b"HTTP/1.0 400 "), raw[:80]
+    assert " ERROR " not in classify_server.log(), classify_server.log()[-2000:]
+    assert call(port, "GET", "/v2/health/ready").status == 200
 
 
 def test_status_table_covers_every_domain_error() -> None:

@@ -33,6 +33,19 @@ from services.core.transcode import TypedRoutes
 log = logging.getLogger(__name__)
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+
+
+class _ClientProtocolErrors(logging.Filter):
+    """aiohttp logs every request its parser refuses (bad chunking, oversized headers) at ERROR with a
+    traceback, after answering 400: the client's mistake, and a way to flood the log. Drop those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+# The logger aiohttp's protocol handler reports to, with the filter above.
+protocol_log = logging.getLogger(__name__ + ".protocol")
+protocol_log.addFilter(_ClientProtocolErrors())
 # Route label for requests no route matched (404, 405): one series, whatever the path or method.
 UNKNOWN_ROUTE = "unknown"
 
@@ -104,6 +117,7 @@ class HttpServer:
             self.app,
             handler_cancellation=True,
             auto_decompress=False,  # read_body decodes, with the size limit and the error mapping
+            logger=protocol_log,
             access_log=None,
             shutdown_timeout=self.settings.grace_period_s,
         )
