@@ -151,6 +151,7 @@ def test_health_and_metadata_routes(classify_server: ServiceProcess) -> None:
     stats = call(port, "GET", "/v2/models/stats").json()["model_stats"]
     assert [s["name"] for s in stats] == ["classifier"] and "cache_hit" in stats[0]["inference_stats"]
     assert call(port, "HEAD", "/v2/health/ready").status == 200
+    assert call(port, "GET", "/v2/nope").headers["Server"] == "nnserve"  # no versions for scanners
 
 
 def test_unknown_model_and_version_get_the_grpc_message(classify_server: ServiceProcess) -> None:

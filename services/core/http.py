@@ -75,6 +75,11 @@ def route_label(request: web.Request) -> str:
     return f"{request.method} {resource.canonical}"
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``Server: nnserve``, not aiohttp's default naming the Python and aiohttp versions."""
+    response.headers["Server"] = "nnserve"
+
+
 def _too_large_message(limit: int, size: int | None) -> str:
     given = f"{size} bytes" if size is not None else "the body (decoded, or as it arrived)"
     return f"request body: {given} is over the limit of {limit} bytes (max_message_bytes)"
@@ -101,6 +106,7 @@ class HttpServer:
         """The application: OIP REST routes, the typed routes of the servicers served here, the guard."""
         app = web.Application(client_max_size=self.settings.max_message_bytes, middlewares=[self._guard])
         app[MAX_BODY] = self.settings.max_message_bytes
+        app.on_response_prepare.append(_server_header)
         servicers = {name: servicer for _, servicer, name in self.service.servicers}
         inference = servicers.get(oip.SERVICE_NAME)
         if isinstance(inference, oip.InferenceServicer):
