@@ -77,6 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=None, help="torch weights written every epoch")
     p.add_argument("--resume-weights", type=Path, default=None, help="start from a --checkpoint file's weights")
     p.add_argument("--finalize-from", type=Path, default=None, help="skip training: export a --checkpoint file")
+    p.add_argument("--card-note", default="", help="a sentence for the model card's training section")
     p.add_argument("--robustness-images", type=int, default=2000, help="fixed test subset the attacks use")
     p.add_argument("--workers", type=int, default=1, help="attack worker processes (one thread each)")
     args = finish_args(p.parse_args(argv), "classifier", dry_epochs=2)
@@ -407,6 +408,8 @@ after a {t["warmup_epochs"]}-epoch warm-up, label smoothing {t["label_smoothing"
 {t["ema"]}, batch {t["batch_size"]}; {t["duration_s"]:.0f} s of training on {t["hardware"]}, one torch thread on a
 2-core machine shared with other jobs (wall-clock time, mostly waiting for a core), torch {t["torch_version"]}.
 
+{fields.get("card_note", "")}
+
 {curve}
 
 ## Evaluation (10,000 test images, through onnxruntime)
@@ -521,7 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.finalize_from is not None:
         fields["training"].command = checkpoint["command"]  # every stage, joined by &&
     card = model_card(
-        {**fields, "ood": fields["ood"].model_dump(), "training": fields["training"].model_dump()}, history
+        {
+            **fields,
+            "ood": fields["ood"].model_dump(),
+            "training": fields["training"].model_dump(),
+            "card_note": args.card_note,
+        },
+        history,
     )
     save_curves(history, ["train_accuracy", "val_accuracy"], args.out / "training_curves.png", args.name)
     manifest = write_artifacts(args.out, fields, card)
