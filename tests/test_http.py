@@ -173,7 +173,7 @@ def test_unknown_model_and_version_get_the_grpc_message(classify_server: Service
             assert reply.status == 404 and reply.error == caught.value.details()
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 8, 64])  # 64: a 1.3 MB JSON body, parsed in the decode pool
 def test_infer_json_and_binary_match_onnxruntime(
     classify_server: ServiceProcess, reference: ort.InferenceSession, batch: int
 ) -> None:

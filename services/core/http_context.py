@@ -11,14 +11,17 @@ from __future__ import annotations
 import re
 import time
 import zlib
-from collections.abc import Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from aiohttp import web
 
 from services.core import errors
 from services.core.errors import shorten
+from services.core.images import off_loop
+
+T = TypeVar("T")
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -67,6 +70,18 @@ def request_timeout(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+# Converting more than this many bytes (JSON parsing, multipart, zlib) goes to the decode pool: a
+# 64 MiB JSON body takes seconds to parse, which on the event loop would stall every other call.
+OFF_LOOP_BYTES = 256 * 1024
+
+
+async def convert(size: int, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``: at once when ``size`` bytes are few, else in the decode pool (off_loop)."""
+    if size <= OFF_LOOP_BYTES:
+        return function(*args)
+    return await off_loop(function, *args)
+
+
 # The largest request body, after decoding its Content-Encoding (the settings' max_message_bytes).
 MAX_BODY = web.AppKey("max_body", int)
 
@@ -86,7 +101,10 @@ async def read_body(request: web.Request) -> bytes:
         raise web.HTTPUnsupportedMediaType(
             text=f"Content-Encoding: {shorten(encoding)} is not accepted; send gzip, deflate or identity"
         )
-    limit = request.app[MAX_BODY]
+    return await convert(len(body), _decompress, body, encoding, request.app[MAX_BODY])
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
         decoded = decoder.decompress(body, limit + 1)

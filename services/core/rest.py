@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from services.core import oip
 from services.core.errors import InvalidInput, shorten
-from services.core.http_context import HttpContext, read_body
+from services.core.http_context import HttpContext, convert, read_body
 from services.proto.inference import grpc_service_pb2 as pb
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -233,6 +233,38 @@ def infer_response(
     return document, chunks
 
 
+def parse_infer_body(
+    body: bytes, header_length: str | None, model: str, version: str
+) -> tuple[pb.ModelInferRequest, set[str], bool]:
+    """:func:`infer_request` for a whole body: JSON, or a JSON header of ``header_length`` bytes and
+    binary tensor data."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput(
+                f"{BINARY_HEADER} header",
+                f"{shorten(header_length)} is not a byte count within the body's {len(body)} bytes",
+            )
+        header, binary = body[: int(header_length)], body[int(header_length) :]
+    try:
+        document = json.loads(header)
+    except (ValueError, RecursionError) as exc:
+        problem = "undecodable"
+        if isinstance(exc, json.JSONDecodeError):
+            problem = f"line {exc.lineno} column {exc.colno}: {exc.msg}"
+        raise InvalidInput("request body", f"is not valid JSON ({problem})") from None
+    return infer_request(document, binary, model, version)
+
+
+def encode_infer_response(
+    reply: pb.ModelInferResponse, binary_outputs: set[str], all_binary: bool
+) -> tuple[bytes, list[bytes]]:
+    """The encoded JSON document of a ModelInfer reply and the binary chunks that follow it."""
+    document, chunks = infer_response(reply, binary_outputs, all_binary)
+    return json.dumps(document, separators=(",", ":")).encode(), chunks
+
+
 def _media_type(request: web.Request) -> str:
     raw = request.headers.get("Content-Type")
     return "" if raw is None else request.content_type
@@ -323,28 +355,14 @@ class OipRoutes:
                 text=f"Content-Type: {shorten(media)} is not accepted for inference; send {accepted}"
             )
         body = await read_body(request)
-        header_length = request.headers.get(BINARY_HEADER)
-        if header_length is None:
-            header, binary = body, b""
-        else:
-            if not header_length.isdigit() or int(header_length) > len(body):
-                raise InvalidInput(
-                    f"{BINARY_HEADER} header",
-                    f"{shorten(header_length)} is not a byte count within the body's {len(body)} bytes",
-                )
-            header, binary = body[: int(header_length)], body[int(header_length) :]
-        try:
-            document = json.loads(header)
-        except (ValueError, RecursionError) as exc:
-            problem = (
-                f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else ""
-            )
-            raise InvalidInput("request body", f"is not valid JSON ({problem})") from None
         name, version = self._names(request)
-        message, binary_outputs, all_binary = infer_request(document, binary, name, version)
+        header_length = request.headers.get(BINARY_HEADER)
+        message, binary_outputs, all_binary = await convert(
+            len(body), parse_infer_body, body, header_length, name, version
+        )
         reply = await self.servicer.ModelInfer(message, self._context(request))  # type: ignore[arg-type]
-        reply_document, chunks = infer_response(reply, binary_outputs, all_binary)
-        encoded = json.dumps(reply_document, separators=(",", ":")).encode()
+        size = sum(len(raw) for raw in reply.raw_output_contents)
+        encoded, chunks = await convert(size, encode_infer_response, reply, binary_outputs, all_binary)
         if not chunks:
             return web.Response(body=encoded, content_type="application/json")
         return web.Response(

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from services.core import errors
 from services.core.errors import InvalidInput, shorten
-from services.core.http_context import HttpContext, http_status, read_body
+from services.core.http_context import HttpContext, convert, http_status, read_body
 from services.core.interceptor import status_for
 
 log = logging.getLogger(__name__)
@@ -117,18 +117,39 @@ def _multipart(body: bytes, content_type: str) -> list[tuple[str, bytes, bool]]:
 
 async def request_message(rule: Rule, cls: type[Message], request: web.Request) -> Message:
     """The RPC's request message from the body (JSON, multipart or a raw image) and the query."""
-    message = cls()
     body = await read_body(request)
     media = request.content_type if "Content-Type" in request.headers else ""
-    if body and media in JSON_TYPES:
+    if body and not (
+        media in JSON_TYPES
+        or (rule.uploads and (media == MULTIPART or media.startswith("image/") or media == "application/octet-stream"))
+    ):
+        accepted = ["application/json"]
+        if rule.uploads:
+            accepted += [MULTIPART, "image/*", "application/octet-stream"]
+        raise web.HTTPUnsupportedMediaType(
+            text=f"Content-Type: {shorten(media or 'none')} is not accepted here; send {', '.join(accepted)}"
+        )
+    if not body and media and media not in JSON_TYPES:
+        raise web.HTTPUnsupportedMediaType(text=f"Content-Type: {shorten(media)} with an empty body")
+    message = await convert(len(body), parse_body, rule, cls, body, media, request.headers.get("Content-Type", ""))
+    _parse_into(message, _query_fields(request), "query parameter")
+    return message
+
+
+def parse_body(rule: Rule, cls: type[Message], body: bytes, media: str, content_type: str) -> Message:
+    """The request message a body fills: proto3 JSON, multipart parts, or one raw image."""
+    message = cls()
+    if not body:
+        return message
+    if media in JSON_TYPES:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
             raise InvalidInput("request body", "is not valid JSON") from None
         _parse_into(message, document, "request body")
-    elif body and media == MULTIPART and rule.uploads:
+    elif media == MULTIPART:
         fields: dict[str, Any] = {}
-        for name, content, is_file in _multipart(body, request.headers["Content-Type"]):
+        for name, content, is_file in _multipart(body, content_type):
             upload = name if name in rule.uploads else name + "s" if name + "s" in rule.uploads else None
             if upload is not None:
                 getattr(message, upload).append(content)
@@ -137,16 +158,8 @@ async def request_message(rule: Rule, cls: type[Message], request: web.Request) 
             else:
                 fields[name] = content.decode("utf-8", errors="replace")
         _parse_into(message, fields, "form field")
-    elif body and rule.uploads and (media.startswith("image/") or media == "application/octet-stream"):
+    else:
         getattr(message, rule.uploads[0]).append(body)
-    elif body or (media and media not in JSON_TYPES):
-        accepted = ["application/json"]
-        if rule.uploads:
-            accepted += [MULTIPART, "image/*", "application/octet-stream"]
-        raise web.HTTPUnsupportedMediaType(
-            text=f"Content-Type: {shorten(media or 'none')} is not accepted here; send {', '.join(accepted)}"
-        )
-    _parse_into(message, _query_fields(request), "query parameter")
     return message
 
 
@@ -211,7 +224,8 @@ class TypedRoutes:
             reply = await call(message, HttpContext(request, request.get("deadline")))
             if png:
                 return _png_reply(rule, reply)
-            return web.Response(body=_reply_json(reply), content_type="application/json")
+            encoded = await convert(reply.ByteSize(), _reply_json, reply)
+            return web.Response(body=encoded, content_type="application/json")
 
         handle.__doc__ = f"{rule.path}: {rule.rpc} over HTTP/JSON."
         return handle
