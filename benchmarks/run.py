@@ -30,6 +30,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from services.processes import launch, wait_until_serving  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PY = str(ROOT / ".venv" / "bin" / "python")
@@ -67,36 +70,34 @@ def server(
     batching off), nnserve-restore, kserve, mlserver.
     """
     model = repository / "classifier" / "1" / "model.onnx"
-    port = free_port()
     env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    pinning = ["taskset", "-c", "0"] if pin else []
+    if name.startswith("nnserve"):  # started, and known to serve, the way nnserve up and the tests do it
+        service = "restore" if name == "nnserve-restore" else "classify"
+        flags = [
+            *("--port", "0", "--metrics-port", "none", "--http-port", "none", "--intra-op-threads", "1"),
+            *("--max-queue-size", "4096", "--model-poll-interval-s", "0", "--model-repository", str(repository)),
+            *("--workers", str(workers)),
+            *(["--batching", "false"] if name == "nnserve-nobatch" else []),
+        ]
+        with open(workdir / f"{name}.log", "wb") as log:
+            launched = launch(
+                f"services.{service}", flags, workdir / f"{name}.json", prefix=pinning, env=env, output=log
+            )
+            try:
+                wait_until_serving([launched], 120)
+                time.sleep(0.2)
+                yield f"127.0.0.1:{launched.info['port']}"
+            finally:
+                launched.stop(timeout=30)
+        return
+    port = free_port()
     cwd = ROOT
     if name == "echo":
         command = [PY, "benchmarks/echo_server.py", "--port", str(port)]
     elif name == "naive":
         command = [PY, "benchmarks/naive_server.py", "--model", str(model), "--port", str(port)]
-    elif name.startswith("nnserve"):
-        service = "restore" if name == "nnserve-restore" else "classify"
-        command = [
-            PY,
-            "-m",
-            f"services.{service}",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "none",
-            "--intra-op-threads",
-            "1",
-            "--max-queue-size",
-            "4096",
-            "--model-poll-interval-s",
-            "0",
-            "--model-repository",
-            str(repository),
-            "--workers",
-            str(workers),
-        ]
-        if name == "nnserve-nobatch":
-            command += ["--batching", "false"]
     elif name == "kserve":
         command = [
             str(ROOT / ".venv-kserve/bin/python"),
@@ -129,9 +130,7 @@ def server(
         cwd = folder
     else:
         raise ValueError(name)
-    env["OMP_NUM_THREADS"] = "1"
     log = open(workdir / f"{name}.log", "wb")
-    pinning = ["taskset", "-c", "0"] if pin else []
     proc = subprocess.Popen([*pinning, *command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(f"127.0.0.1:{port}")

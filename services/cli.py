@@ -14,10 +14,8 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,8 +363,10 @@ def _up(args: argparse.Namespace) -> int:
     repository = ModelRepository(args.model_repository)
     present = set(repository.models())
     wanted = [s for s in SERVICES.values() if not args.only or s.name in args.only]
+    from services.processes import Launched, LaunchError, launch, wait_until_serving
+
     state = Path(tempfile.mkdtemp(prefix="nnserve-up-"))
-    children: list[tuple[ServiceSpec, subprocess.Popen[bytes], Path]] = []
+    children: list[tuple[ServiceSpec, Launched]] = []
     for spec in wanted:
         missing = [(field, m) for field, m in zip(spec.model_settings, spec.models, strict=True) if m not in present]
         if spec.models and (len(missing) == len(spec.models) or (missing and not spec.models_optional)):
@@ -381,11 +381,7 @@ def _up(args: argparse.Namespace) -> int:
             extra = [f"--{s.name}-target={near}:{s.port + args.port_offset}" for s in SERVICES.values() if s.models]
         if spec.http_port is not None:
             extra += ["--http-port", str(spec.http_port + args.port_offset), "--http-host", args.host]
-        port_file = state / f"{spec.name}.json"
-        command = [
-            sys.executable,
-            "-m",
-            spec.module,
+        flags = [
             "--host",
             args.host,
             "--port",
@@ -394,34 +390,29 @@ def _up(args: argparse.Namespace) -> int:
             str(spec.metrics_port + args.port_offset),
             "--metrics-host",
             args.host,
-            "--port-file",
-            str(port_file),
             *extra,
         ]
-        children.append((spec, subprocess.Popen(command), port_file))
+        children.append((spec, launch(spec.module, flags, state / f"{spec.name}.json", name=spec.name)))
     if not children:
         print("nothing to start", file=sys.stderr)
         return 1
 
     def stop_all(*_: object) -> None:
-        for _spec, child, _file in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        for _spec, child in children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
-    deadline = time.monotonic() + args.start_timeout
-    while not all(p.exists() for _, _, p in children):
-        failed = [(s, c) for s, c, _ in children if c.poll() is not None]
-        if failed or time.monotonic() > deadline:
-            for spec, child in failed:
-                print(f"{spec.name} exited with code {child.returncode}", file=sys.stderr)
-            stop_all()
-            return 1
-        time.sleep(0.1)
+    try:
+        wait_until_serving([child for _, child in children], args.start_timeout)
+    except LaunchError as exc:
+        print(exc, file=sys.stderr)
+        stop_all()
+        return 1
     print("\nnnserve is up:\n")
-    for spec, _, port_file in children:
-        info = json.loads(port_file.read_text())
+    for spec, child in children:
+        info = child.info
         address = f"{args.host}:{info['port']}"
         metrics = f"http://{args.host}:{info['metrics_port']}/metrics" if info["metrics_port"] else "off"
         models = ", ".join(f"{k}/{v}" for k, v in info["models"].items())
@@ -433,7 +424,7 @@ def _up(args: argparse.Namespace) -> int:
             http = f"http://{args.host}:{info['http_port']}"
             print(f"  {'':<9} http {http:<27} try: {CURL_EXAMPLES[spec.name].format(url=http)}")
     print("\nhealth: nnserve health ADDRESS    stop: Ctrl-C\n", flush=True)
-    codes = [child.wait() for _, child, _ in children]
+    codes = [child.proc.wait() for _, child in children]
     return max(codes)
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from services.core.manifest import Manifest, OodCalibration, TensorSpec
+from services.processes import LaunchError, launch, wait_until_serving
 from training.data import LABELS, file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,10 +247,7 @@ def start_service(module: str, repository: Path, workdir: Path, *args: str, time
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"ports-{time.monotonic_ns()}.json"
     log_path = port_file.with_suffix(".log")
-    command = [
-        sys.executable,
-        "-m",
-        module,
+    flags = [
         "--port",
         "0",
         "--metrics-port",
@@ -260,8 +256,6 @@ def start_service(module: str, repository: Path, workdir: Path, *args: str, time
         "0",
         "--model-repository",
         str(repository),
-        "--port-file",
-        str(port_file),
         # One serving process unless a test asks for more (the default is one per CPU); a later
         # --workers in ``args`` wins.
         "--workers",
@@ -270,14 +264,14 @@ def start_service(module: str, repository: Path, workdir: Path, *args: str, time
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{module} did not start (exit {proc.poll()}):\n{log_path.read_text()}")
-        time.sleep(0.05)
-    info = json.loads(port_file.read_text())
+        service = launch(module, flags, port_file, env=env, cwd=ROOT, output=log)
+    try:
+        wait_until_serving([service], timeout)
+    except LaunchError as exc:
+        service.proc.kill()
+        raise RuntimeError(f"{exc}:\n{log_path.read_text()}") from None
+    info = service.info
+    proc = service.proc
     return ServiceProcess(
         proc=proc,
         port=info["port"],
