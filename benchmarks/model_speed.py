@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from services.processes import launch, wait_until_serving  # noqa: E402
 from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc  # noqa: E402
 
 PY = sys.executable
@@ -63,27 +64,18 @@ print(json.dumps({{"fp32_ms": round(a, 4), "int8_ms": round(b, 4), "speedup": ro
 
 @contextmanager
 def service(module: str, workdir: Path, *args: str) -> Iterator[str]:
-    """``python -m module`` on a free port, core 0, one thread; yields its address."""
-    port_file = workdir / f"{module}-{time.monotonic_ns()}.json"
-    command = [PY, "-m", module, "--port", "0", "--metrics-port", "none", "--intra-op-threads", "1"]
-    command += ["--model-poll-interval-s", "0", "--port-file", str(port_file), *args]
+    """``python -m module`` on a free port, core 0, one worker and one thread; yields its address."""
+    flags = ["--port", "0", "--metrics-port", "none", "--http-port", "none", "--intra-op-threads", "1"]
+    flags += ["--workers", "1", "--model-poll-interval-s", "0", *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
-    log = open(port_file.with_suffix(".log"), "wb")
-    proc = subprocess.Popen(pinned(0, command), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while not port_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{module} {args} did not start: {port_file.with_suffix('.log').read_text()}")
-            time.sleep(0.1)
-        yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-    finally:
-        proc.terminate()
+    port_file = workdir / f"{module}-{time.monotonic_ns()}.json"
+    with open(port_file.with_suffix(".log"), "wb") as log:
+        launched = launch(module, flags, port_file, prefix=pinned(0, []), env=env, cwd=ROOT, output=log)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            wait_until_serving([launched], 90)
+            yield f"127.0.0.1:{launched.info['port']}"
+        finally:
+            launched.stop(timeout=30)
 
 
 def classify_load(address: str, seconds: float, concurrency: int) -> dict[str, float]:
@@ -172,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         classify: dict = {"concurrency": args.concurrency}
         for precision in ("fp32", "int8"):
-            with service("services.classify", Path(tmp), "--precision", precision) as address:
+            with service("services.classify", Path(tmp), "--precision", precision, "--model-version", "1") as address:
                 classify[precision] = classify_load(address, args.seconds, args.concurrency)
             print(f"classify service {precision}: {classify[precision]}", flush=True)
         classify["speedup"] = round(classify["int8"]["requests_per_s"] / classify["fp32"]["requests_per_s"], 2)

@@ -8,7 +8,7 @@ seconds=${1:-10}
 port=${NNSERVE_BENCH_PORT:-50098}
 mkdir -p benchmarks/results
 taskset -c 0 .venv/bin/python -m services.classify --port "$port" --metrics-port none --intra-op-threads 1 \
-  --model-poll-interval-s 0 --workers 1 ${NNSERVE_PROFILE_ARGS:-} >/tmp/nnserve-profile.log 2>&1 &
+  --model-poll-interval-s 0 --model-version 1 --workers 1 ${NNSERVE_PROFILE_ARGS:-} >/tmp/nnserve-profile.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do .venv/bin/nnserve health "127.0.0.1:$port" >/dev/null 2>&1 && break; sleep 0.1; done

@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PY = str(ROOT / ".venv" / "bin" / "python")
 MODEL = ROOT / "models" / "classifier" / "1" / "model.onnx"
+# A checkout of an earlier commit (git worktree add DIR REV) whose classify service joins the overhead
+# table as "nnserve-before", so before/after come from one run.
+BEFORE = Path(os.environ["NNSERVE_BENCH_BEFORE"]) if os.environ.get("NNSERVE_BENCH_BEFORE") else None
 
 
 def free_port() -> int:
@@ -73,11 +76,39 @@ def server(
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     pinning = ["taskset", "-c", "0"] if pin else []
+    if name == "nnserve-before":  # an earlier checkout's classify service (NNSERVE_BENCH_BEFORE=DIR)
+        assert BEFORE is not None
+        port = free_port()
+        command = [PY, "-m", "services.classify", "--port", str(port), "--metrics-port", "none"]
+        command += ["--intra-op-threads", "1", "--max-queue-size", "4096", "--model-poll-interval-s", "0"]
+        if repository == ROOT / "models":
+            repository = BEFORE / "models"  # the models as they were then (manifests it can read)
+        else:  # a repository made now: keep only the manifest keys the earlier schema knew
+            copy = workdir / "before-repository"
+            shutil.copytree(repository, copy, dirs_exist_ok=True)
+            for path in copy.glob("*/*/manifest.json"):
+                manifest = json.loads(path.read_text())
+                manifest.pop("precision", None)
+                path.write_text(json.dumps(manifest))
+            repository = copy
+        command += ["--model-repository", str(repository), "--model-version", "1"]
+        with open(workdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen([*pinning, *command], cwd=BEFORE, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_ready(f"127.0.0.1:{port}")
+                time.sleep(0.2)
+                yield f"127.0.0.1:{port}"
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        return
     if name.startswith("nnserve"):  # started, and known to serve, the way nnserve up and the tests do it
         service = "restore" if name == "nnserve-restore" else "classify"
         flags = [
             *("--port", "0", "--metrics-port", "none", "--http-port", "none", "--intra-op-threads", "1"),
             *("--max-queue-size", "4096", "--model-poll-interval-s", "0", "--model-repository", str(repository)),
+            # Version 1: the file the naive server and the peers load too.
+            *("--model-version", "1"),
             *("--workers", str(workers)),
             *(["--batching", "false"] if name == "nnserve-nobatch" else []),
         ]
@@ -236,6 +267,8 @@ def overhead(seconds: float, peers: list[str], tmp: Path) -> dict:
         ip = {str(b): round(in_process_model(path, b, min(seconds, 2.0)), 1) for b in (1, 64)}
         rows: dict = {}
         plan = [("naive", "infer"), ("nnserve", "classify"), ("nnserve", "infer"), *[(p, "infer") for p in peers]]
+        if BEFORE is not None:  # the same server as of an earlier commit, for before/after in one run
+            plan[3:3] = [("nnserve-before", "classify"), ("nnserve-before", "infer")]
         for name in dict.fromkeys(n for n, _ in plan):
             with server(name, tmp, repository) as address:
                 for rpc in [r for n, r in plan if n == name]:
