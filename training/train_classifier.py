@@ -72,6 +72,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fgsm-rs: uniform start in the eps-ball, projected (Wong et al. 2020); n-fgsm: noise of 2 eps, "
         "no projection (de Jorge et al. 2022), which resists catastrophic overfitting",
     )
+    p.add_argument(
+        "--adv-clean-weight", type=float, default=0.0, help="weight of the clean images' loss beside the adversarial"
+    )
     p.add_argument("--epoch-size", type=int, default=0, help="images drawn per epoch (0: the whole train split)")
     p.add_argument("--adv-ramp-epochs", type=float, default=0.0, help="grow eps linearly from 0 over this long")
     p.add_argument("--checkpoint", type=Path, default=None, help="torch weights written every epoch")
@@ -226,11 +229,15 @@ def train(model: Classifier, train_split: Split, val_split: Split, args: argpars
             x, y = augment(x_all[idx], generator), y_all[idx]
             if args.erasing:
                 x = random_erasing(x, generator, args.erasing)
+            clean_x = x
             if args.adv_eps:
                 scale = min(1.0, (global_step + 1) / ramp) if ramp else 1.0
                 x = attack(model, x, y, args.adv_eps * scale, alpha * scale, generator)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+            if args.adv_eps and args.adv_clean_weight:
+                clean_loss = F.cross_entropy(model(clean_x), y, label_smoothing=args.label_smoothing)
+                loss = args.adv_clean_weight * clean_loss + (1 - args.adv_clean_weight) * loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -372,10 +379,23 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]]) -> str:
             f"thread {tta['ms_without']['1']:.3f} -> {tta['ms_with']['1']:.3f} ms at batch 1 and "
             f"{tta['ms_without']['64']:.2f} -> {tta['ms_with']['64']:.2f} ms at batch 64 (the OOD score included in both)."
         )
+    method = (
+        "N-FGSM examples (de Jorge et al. 2022: uniform noise of 2 eps plus one signed-gradient step, not "
+        "projected back onto the eps-ball)"
+        if t.get("adv_method") == "n-fgsm"
+        else "FGSM examples from a uniform random start in the eps-ball (Wong et al. 2020)"
+    )
+    mix = (
+        f"; the loss weighs the clean batch {t['adv_clean_weight']} and the adversarial one {1 - t['adv_clean_weight']:.2g}"
+        if t.get("adv_clean_weight")
+        else ""
+    )
+    ramp = (
+        f" (grown linearly from 0 over the first {t['adv_ramp_epochs']} epoch(s))" if t.get("adv_ramp_epochs") else ""
+    )
     training_kind = (
-        f"adversarial training: every batch is replaced by FGSM examples from a uniform random start (Wong et al. "
-        f"2020), eps {t['adv_eps']} (grown linearly from 0 over the first {t['adv_ramp_epochs']} epoch(s)), step "
-        f"{t['adv_alpha']:.4g}; the EMA weights with the best PGD-10 accuracy on 500 validation images are kept"
+        f"adversarial training: every batch is replaced by {method}, eps {t['adv_eps']}{ramp}, step "
+        f"{t['adv_alpha']:.4g}{mix}; the EMA weights with the best PGD-10 accuracy on 500 validation images are kept"
         if robust
         else "standard training"
     )
@@ -515,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             adv_eps=targs.adv_eps,
             adv_alpha=adv_alpha(targs),
             adv_method=targs.adv_method,
+            adv_clean_weight=targs.adv_clean_weight,
             epoch_size=targs.epoch_size,
             adv_ramp_epochs=targs.adv_ramp_epochs,
             init_from=str(targs.init_from) if targs.init_from else None,
