@@ -419,3 +419,61 @@ def test_graceful_shutdown_finishes_in_flight_calls(tiny_repository: Path, tmp_p
     assert late == grpc.StatusCode.UNAVAILABLE
     assert server.proc.wait(timeout=20) == 0
     assert "stopped" in server.log()
+
+
+def test_a_model_with_its_own_ood_score_output_is_flagged_by_it(tmp_path: Path) -> None:
+    """Classifier v2 computes its out-of-distribution score in the graph (an ``ood_score`` output
+    next to the logits); the service must report that score and flag by its calibrated threshold,
+    not the logits' energy."""
+    from onnx import TensorProto, helper
+
+    from services.core.manifest import Manifest, OodCalibration, TensorSpec
+    from tests.helpers import LABELS, _save
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+            helper.make_node("ReduceMean", ["flat", "axis"], ["mean"], keepdims=0),  # brightness as the "score"
+            helper.make_node("Identity", ["mean"], ["ood_score"]),
+            helper.make_node("Slice", ["flat", "start", "end", "axis"], ["logits"]),
+        ],
+        "tiny_ood_classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch"]),
+        ],
+        initializer=[
+            helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("end", TensorProto.INT64, [1], [10]),
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    directory = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path, "classifier", 1)
+    from services.core.manifest import file_sha256
+
+    Manifest(
+        name="classifier",
+        version=1,
+        task="image-classification",
+        sha256=file_sha256(directory / "model.onnx"),
+        opset=18,
+        inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 28, 28])],
+        outputs=[
+            TensorSpec(name="logits", dtype="float32", shape=[-1, 10]),
+            TensorSpec(name="ood_score", dtype="float32", shape=[-1]),
+        ],
+        labels=list(LABELS),
+        ood=OodCalibration(score="energy", threshold=0.5, calibration="fixed, for tests"),
+    ).write(directory / "manifest.json")
+    server = start_service("services.classify", tmp_path, tmp_path / "run")
+    try:
+        pixels = np.zeros((2, 28, 28), np.uint8)
+        pixels[1] = 255  # mean 1.0: over the threshold
+        with ClassifyClient(server.address) as client:
+            reply = client.classify(tensor=pixels)
+    finally:
+        assert server.stop() == 0
+    scores = [c.ood_score for c in reply.classifications]
+    assert scores == pytest.approx([0.0, 1.0])
+    assert [c.out_of_distribution for c in reply.classifications] == [False, True]

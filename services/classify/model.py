@@ -11,6 +11,7 @@ from services.core.images import MAX_REQUEST_PIXELS, TensorInput, collect_images
 from services.core.manifest import Manifest
 
 MAX_TOP_K = 10
+OOD_OUTPUT = "ood_score"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class ClassifierModel:
         if len(self.labels) != self.num_classes:
             self.labels = [str(i) for i in range(self.num_classes)]
         self.ood_threshold = manifest.ood.threshold if manifest.ood else float("inf")
+        # A model may compute its own out-of-distribution score in the graph (classifier v2: a
+        # Mahalanobis + energy combination), calibrated by the manifest's threshold; otherwise
+        # the service scores the logits' energy.
+        names = [spec.name for spec in manifest.outputs]
+        self.ood_output = OOD_OUTPUT if OOD_OUTPUT in names else None
         self.max_images = max_images
         self.max_pixels = max_pixels
 
@@ -62,10 +68,14 @@ class ClassifierModel:
             raise InvalidInput("top_k", f"must be between 1 and {min(MAX_TOP_K, self.num_classes)}, got {requested}")
         return k
 
-    def postprocess(self, logits: np.ndarray, k: int) -> Classifications:
+    def postprocess(self, outputs: dict[str, np.ndarray], k: int) -> Classifications:
+        logits = outputs[self.output_name]
         probabilities = softmax(logits)
         top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        scores = energy(logits).astype(np.float32)
+        if self.ood_output is not None:
+            scores = np.asarray(outputs[self.ood_output], dtype=np.float32).reshape(len(logits))
+        else:
+            scores = energy(logits).astype(np.float32)
         return Classifications(
             class_ids=top,
             probabilities=np.take_along_axis(probabilities, top, axis=1).astype(np.float32),

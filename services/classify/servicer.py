@@ -31,7 +31,7 @@ class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
         else:  # raw tensors cost microseconds: a thread hop would cost more than it saves
             batch = model.batch([], tensor)
         outputs = await self.plane.infer(deployment, {model.input_name: batch}, deadline_of(context))
-        result = model.postprocess(outputs[model.output_name], k)
+        result = model.postprocess(outputs, k)
         labels = model.labels
         response = classify_pb2.ClassifyResponse(model_name=model.manifest.name, model_version=version)
         for ids, probs, score, flag in zip(
