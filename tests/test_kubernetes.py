@@ -7,11 +7,14 @@ projects' published CRD schemas kept in deploy/kubernetes/schemas/. Then the inv
 would check by hand: selectors match labels, ports, probe names and environment names match the
 service settings classes, images match compose.yaml, threads follow CPU limits, every container has
 limits and a non-root, read-only security context, drain times fit the termination grace period.
+The web console gets its own: its settings, its /healthz route answering its probes on a real server,
+targets that are the services' headless Services, and overlays that leave it without models or a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import gzip
 import importlib
@@ -24,14 +27,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from aiohttp import web
+from pydantic_settings import BaseSettings
 
 from services.cli import SERVICES
+from services.console.app import build_app
+from services.console.settings import ConsoleSettings
 from services.core.settings import ServiceSettings, add_settings_arguments, settings_from_args
 from tests.helpers import ROOT
 from tests.test_deploy_config import exported_metric_names
@@ -45,7 +53,9 @@ COMPONENTS = sorted(p.parent.name for p in (K8S / "components").glob("*/kustomiz
 # from 1.30), and the newest the validator knows.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 HEALTH_TARGET_ENV = "NNSERVE_HEALTH_TARGET"  # read by `nnserve health`, not a settings field
+COMPONENT = "app.kubernetes.io/component"  # model-server or web-console: what the overlays' patches select
 Obj = dict[str, Any]
+S = TypeVar("S", bound=BaseSettings)
 
 
 def kubectl() -> str:
@@ -97,9 +107,7 @@ def cpu_cores(quantity: str) -> float:
     return float(quantity[:-1]) / 1000 if str(quantity).endswith("m") else float(quantity)
 
 
-def settings_from_env(
-    cls: type[ServiceSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> ServiceSettings:
+def settings_from_env(cls: type[S], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> S:
     """Parse ``cls`` from exactly these environment variables, as the container would."""
     with monkeypatch.context() as m:
         for name in list(os.environ):
@@ -110,13 +118,17 @@ def settings_from_env(
         return cls()
 
 
-def container_env(container: Obj) -> dict[str, str]:
-    """The container's literal environment, with resourceFieldRef limits.cpu resolved as the kubelet
-    does (rounded up to whole cores)."""
-    env = {}
+def container_env(container: Obj, namespace: str | None = None) -> dict[str, str]:
+    """The container's environment as the kubelet resolves it: resourceFieldRef limits.cpu rounded up
+    to whole cores, fieldRef metadata.namespace the pod's namespace, and $(NAME) in a value replaced by
+    an earlier variable's value (left as written when there is none)."""
+    env: dict[str, str] = {}
     for var in container.get("env", []):
         if "value" in var:
-            env[var["name"]] = var["value"]
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+        elif "fieldRef" in var["valueFrom"]:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace" and namespace, var
+            env[var["name"]] = namespace
         else:
             ref = var["valueFrom"]["resourceFieldRef"]
             assert ref["resource"] == "limits.cpu", var
@@ -215,8 +227,30 @@ def deployments(rendered: dict[str, list[Obj]]) -> Iterator[tuple[str, list[Obj]
             yield name, objects, deployment
 
 
-def test_selectors_match_labels_and_every_deployment_is_covered(rendered: dict[str, list[Obj]]) -> None:
+def model_servers(rendered: dict[str, list[Obj]]) -> Iterator[tuple[str, list[Obj], Obj]]:
+    """The gRPC services' Deployments (test_each_deployment_is_labelled_for_what_it_runs keeps the
+    label honest, so no Deployment escapes the checks below by its label)."""
     for name, objects, d in deployments(rendered):
+        if d["metadata"]["labels"].get(COMPONENT) == "model-server":
+            yield name, objects, d
+
+
+def test_each_deployment_is_labelled_for_what_it_runs(rendered: dict[str, list[Obj]]) -> None:
+    found: dict[str, list[str]] = {}
+    for name, _, d in deployments(rendered):
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        command = container["args"][0]
+        expected = "web-console" if command == "console" else "model-server"
+        assert command in SERVICES, f"{name}: Deployment {d['metadata']['name']} runs {command!r}"
+        for labels in (d["metadata"]["labels"], d["spec"]["template"]["metadata"]["labels"]):
+            assert labels.get(COMPONENT) == expected, f"{name}: {command} must be labelled {COMPONENT}={expected}"
+        found.setdefault(name, []).append(command)
+    for name in set(KUSTOMIZATIONS) - {"kserve"}:
+        assert sorted(found.get(name, [])) == ["classify", "console", "generate", "restore"], (name, found.get(name))
+
+
+def test_selectors_match_labels_and_every_deployment_is_covered(rendered: dict[str, list[Obj]]) -> None:
+    for name, objects, d in model_servers(rendered):
         where = f"{name}: Deployment {d['metadata']['name']}"
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert selects(d["spec"]["selector"]["matchLabels"], labels), where
@@ -248,7 +282,7 @@ def test_selectors_match_labels_and_every_deployment_is_covered(rendered: dict[s
 
 def test_containers_match_the_service_settings(rendered: dict[str, list[Obj]], monkeypatch: pytest.MonkeyPatch) -> None:
     image = compose_image()
-    for name, _, d in deployments(rendered):
+    for name, _, d in model_servers(rendered):
         pod = d["spec"]["template"]
         (container,) = pod["spec"]["containers"]
         service = container["args"][0]
@@ -280,7 +314,7 @@ def test_containers_match_the_service_settings(rendered: dict[str, list[Obj]], m
 
 
 def test_threads_follow_the_cpu_limit(rendered: dict[str, list[Obj]]) -> None:
-    containers = [(n, c) for n, _, d in deployments(rendered) for c in d["spec"]["template"]["spec"]["containers"]]
+    containers = [(n, c) for n, _, d in model_servers(rendered) for c in d["spec"]["template"]["spec"]["containers"]]
     containers += [(n, c) for n, objs in rendered.items() for r in of_kind(objs, "ClusterServingRuntime")
                    for c in r["spec"]["containers"]]  # fmt: skip
     for name, container in containers:
@@ -330,7 +364,7 @@ def test_every_container_is_limited_and_unprivileged(rendered: dict[str, list[Ob
 def test_model_volume_overlay_mounts_the_claim_read_only_over_the_image_models(rendered: dict[str, list[Obj]]) -> None:
     objects = rendered["overlays/model-volume"]
     (claim,) = of_kind(objects, "PersistentVolumeClaim")
-    for d in of_kind(objects, "Deployment"):
+    for _, _, d in model_servers({"overlays/model-volume": objects}):
         spec = d["spec"]["template"]["spec"]
         (volume,) = [v for v in spec["volumes"] if v.get("persistentVolumeClaim")]
         assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
@@ -383,6 +417,121 @@ def test_kserve_runtime_runs_nnserve_over_oip_grpc(rendered: dict[str, list[Obj]
     assert container["readinessProbe"]["grpc"] == {"port": settings.port, "service": health_name(service)}
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(settings.metrics_port)
     assert settings.metrics_host == "0.0.0.0"
+
+
+# --- the web console ------------------------------------------------------------------------------
+
+
+def probe_answers(settings: ConsoleSettings, paths: set[str]) -> dict[str, int]:
+    """Serve the console app built from these settings on a free loopback port and GET each probe path.
+    Its gRPC channels are created idle and /healthz makes no call, so the targets are never dialled."""
+
+    async def run() -> dict[str, int]:
+        runner = web.AppRunner(build_app(settings))
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+                answers = {}
+                for path in sorted(paths):
+                    async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                        answers[path] = response.status
+                return answers
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(run())
+
+
+def test_console_matches_its_settings_and_calls_every_pod_of_each_service(
+    rendered: dict[str, list[Obj]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["console"]
+    prefix = ConsoleSettings.model_config["env_prefix"]
+    fields = {prefix + f.upper() for f in ConsoleSettings.model_fields}
+    probed: dict[str, tuple[ConsoleSettings, set[str]]] = {}
+    for name, objects, d in deployments(rendered):
+        if d["metadata"]["labels"].get(COMPONENT) != "web-console":
+            continue
+        where = f"{name}: console"
+        pod = d["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        (container,) = pod["spec"]["containers"]
+        assert container["args"] == compose["command"], where
+        # The same image as compose.yaml's console, in every overlay: the GPU one included.
+        assert container["image"].split(":")[0] == compose["image"].split(":")[0] == compose_image(), where
+        assert "nvidia.com/gpu" not in container["resources"]["limits"], f"{where}: it needs no GPU"
+        assert not any("persistentVolumeClaim" in v for v in pod["spec"]["volumes"]), f"{where}: it loads no models"
+        namespace = d["metadata"]["namespace"]
+        env = container_env(container, namespace)
+        # Variables outside the settings' prefix only feed $(NAME) expansion, from the Downward API.
+        helpers = {v["name"] for v in container["env"] if "fieldRef" in v.get("valueFrom", {})}
+        assert not set(env) - fields - helpers, f"{where}: environment names no settings field reads"
+        assert not any(h.startswith("NNSERVE_") for h in helpers), (where, helpers)
+        settings = settings_from_env(ConsoleSettings, env, monkeypatch)  # fails on a value it would refuse
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"http": settings.port, "metrics": settings.metrics_port}, where
+        assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0", where
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", where
+        assert annotations["prometheus.io/port"] == str(settings.metrics_port), where
+        paths = set()
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            get = container[probe]["httpGet"]
+            assert ports.get(get["port"], get["port"]) == settings.port, (where, probe)
+            paths.add(get["path"])
+        probed[settings.model_dump_json()] = (settings, paths)
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert pod["spec"]["terminationGracePeriodSeconds"] >= pre_stop + settings.shutdown_timeout_s + 2, where
+
+        # Its targets: dns:/// names of the services' headless Services in its own namespace, fully
+        # qualified, on the ports those Services and compose.yaml's targets give.
+        for service in ("classify", "restore", "generate"):
+            target = getattr(settings, f"{service}_target")
+            match = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", target)
+            assert match, (
+                f"{where}: {service} target {target!r} is not dns:///<svc>.<namespace>.svc.cluster.local:<port>"
+            )
+            svc_name, svc_namespace, port = match[1], match[2], int(match[3])
+            assert svc_namespace == namespace, (where, target)
+            (svc,) = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == svc_name]
+            assert svc["metadata"]["namespace"] == namespace and svc["spec"].get("clusterIP") == "None", (
+                f"{where}: {svc_name} must be headless, or a round-robin channel sees one address"
+            )
+            assert port in [p["port"] for p in svc["spec"]["ports"]], (where, target)
+            (server,) = [s for _, _, s in model_servers({name: objects}) if selects(
+                svc["spec"]["selector"], s["spec"]["template"]["metadata"]["labels"])]  # fmt: skip
+            (server_container,) = server["spec"]["template"]["spec"]["containers"]
+            assert server_container["args"][0] == service, f"{where}: {svc_name} selects {server['metadata']['name']}"
+            assert compose["environment"][f"{prefix}{service.upper()}_TARGET"].endswith(f":{port}"), where
+
+        # Its objects: a ClusterIP Service for both ports, a PDB, a NetworkPolicy admitting exactly those
+        # ports, and fixed replicas (no autoscaler: see console.yaml).
+        assert selects(d["spec"]["selector"]["matchLabels"], labels), where
+        for c in pod["spec"]["topologySpreadConstraints"]:
+            assert selects(c["labelSelector"]["matchLabels"], labels), where
+        (svc,) = [s for s in of_kind(objects, "Service") if selects(s["spec"].get("selector", {}), labels)]
+        assert svc["spec"]["type"] == "ClusterIP" and svc["spec"].get("clusterIP") != "None", where
+        assert {p["targetPort"]: p["port"] for p in svc["spec"]["ports"]} == ports, where
+        (pdb,) = [
+            p for p in of_kind(objects, "PodDisruptionBudget") if selects(p["spec"]["selector"]["matchLabels"], labels)
+        ]
+        (policy,) = [
+            n for n in of_kind(objects, "NetworkPolicy") if selects(n["spec"]["podSelector"]["matchLabels"], labels)
+        ]
+        admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        assert admitted == {"http", "metrics"} and policy["spec"]["policyTypes"] == ["Ingress"], (where, admitted)
+        scalers = [h for h in of_kind(objects, "HorizontalPodAutoscaler") + of_kind(objects, "ScaledObject")
+                   if h["spec"]["scaleTargetRef"]["name"] == d["metadata"]["name"]]  # fmt: skip
+        assert not scalers and d["spec"]["replicas"] >= 2, f"{where}: two fixed replicas, so a drain leaves one"
+        assert pdb["spec"]["maxUnavailable"] < d["spec"]["replicas"], where
+    assert probed, "no console Deployment rendered"
+    # The probes' paths answer 200 from the console built with the manifests' settings (on loopback).
+    for settings, paths in probed.values():
+        local = settings.model_copy(update={"host": "127.0.0.1", "port": 0})
+        assert probe_answers(local, paths) == {path: 200 for path in paths}
 
 
 # --- Docker Swarm stack ---------------------------------------------------------------------------
