@@ -167,9 +167,18 @@ def classifier_figures(
     # the classifier's held-out validation images), so the flag keeps its meaning.
     val_size, split_seed = validation_split(manifest, len(train))
     val = train.images[np.random.default_rng(split_seed).permutation(len(train))[:val_size]]
-    threshold = calibrate_ood(run_onnx(onnx_session(int8_path), {"image": to_input(val)})[0])
+    names = [spec.name for spec in manifest.outputs]
+    if "ood_score" in names:
+        # The graph computes its own score (classifier v2): calibrate that output, not the energy.
+        index = names.index("ood_score")
+        val_scores = run_onnx(onnx_session(int8_path), {"image": to_input(val)})[index]
+        threshold = float(np.quantile(val_scores, 0.95))
+        test_scores = run_onnx(onnx_session(int8_path), {"image": to_input(test.images)})[index]
+    else:
+        threshold = calibrate_ood(run_onnx(onnx_session(int8_path), {"image": to_input(val)})[0])
+        test_scores = energy_score(int8)
     metrics["ood_threshold"] = round(threshold, 4)
-    metrics["ood_test_flagged"] = round(float((energy_score(int8) > threshold).mean()), 4)
+    metrics["ood_test_flagged"] = round(float((test_scores > threshold).mean()), 4)
     return metrics
 
 
