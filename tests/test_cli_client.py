@@ -68,7 +68,7 @@ def test_every_option_of_every_client_command_says_its_default() -> None:
             assert text, f"nnserve {name} {action.option_strings[0]} has no help"
             assert "default" in text, f"nnserve {name} {action.option_strings[0]}: {text!r} does not give the default"
     help_text = nnserve("generate", "--help").stdout
-    assert "(default: 50)" in help_text and "--tls-ca-file" in help_text and "exit status" in help_text
+    assert "(default: gan)" in help_text and "--tls-ca-file" in help_text and "exit status" in help_text
 
 
 @pytest.mark.parametrize(
