@@ -49,8 +49,16 @@ def test_promote_copies_and_rewrites_every_manifest(repository: Path, capsys) ->
 
 def test_a_hand_copy_is_refused_and_the_message_says_why(repository: Path) -> None:
     shutil.copytree(repository / "classifier" / "1", repository / "classifier" / "2")
-    with pytest.raises(ModelLoadError, match="manifest says classifier/1, directory is classifier/2"):
+    with pytest.raises(ModelLoadError) as refused:
         ModelRepository(repository).resolve("classifier", 2)
+    assert str(refused.value).endswith(
+        "manifest says classifier/1, directory is classifier/2 (a hand copy? remove it and run: "
+        "nnserve promote classifier 1 2)"
+    )
+    # Doing what the message says works.
+    shutil.rmtree(repository / "classifier" / "2")
+    assert main(["promote", "classifier", "1", "2", "--model-repository", str(repository)]) == 0
+    assert ModelRepository(repository).resolve("classifier", 2).manifest.version == 2
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,10 @@
 """The model repository: ``<root>/<name>/<version>/{model.onnx, manifest.json}``.
 
 Versions are positive integers; the highest is served unless one is configured. A version is
-usable only when its manifest parses and the ONNX file's sha256 matches the manifest.
+usable only when its manifest parses, names the model and version of its directory, and the ONNX
+file's sha256 matches the manifest. (So a directory copied by hand under a new number is refused:
+replies and metrics never name a version the files do not claim. ``nnserve promote`` makes the copy
+with the manifests rewritten.)
 
 A version may ship precision variants beside its fp32 files: ``manifest.int8.json`` describes
 ``model.int8.onnx`` (a quantized copy of the same model, with its own checksum and parity
@@ -117,8 +120,10 @@ class ModelRepository:
         except (ValidationError, ValueError) as exc:
             raise ModelLoadError(f"{manifest_path}: invalid manifest: {exc}") from None
         if manifest.name != name or manifest.version != chosen:
+            hint = f" (a hand copy? remove it and run: nnserve promote {name} {manifest.version} {chosen})"
             raise ModelLoadError(
                 f"{manifest_path}: manifest says {manifest.name}/{manifest.version}, directory is {name}/{chosen}"
+                + (hint if manifest.name == name else "")
             )
         if manifest.precision != precision:
             raise ModelLoadError(f"{manifest_path}: manifest says precision {manifest.precision}, expected {precision}")
