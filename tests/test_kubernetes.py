@@ -271,7 +271,8 @@ def test_selectors_match_labels_and_every_deployment_is_covered(rendered: dict[s
         ]
         assert len(policies) == 1, where
         admitted = {p["port"] for rule in policies[0]["spec"]["ingress"] for p in rule["ports"]}
-        assert admitted == {"grpc", "metrics"} and policies[0]["spec"]["policyTypes"] == ["Ingress"], (where, admitted)
+        assert admitted == {"grpc", "http", "metrics"}, (where, admitted)
+        assert policies[0]["spec"]["policyTypes"] == ["Ingress"], where
         for c in d["spec"]["template"]["spec"]["topologySpreadConstraints"]:
             assert selects(c["labelSelector"]["matchLabels"], labels), where
         scalers = [h for h in of_kind(objects, "HorizontalPodAutoscaler") + of_kind(objects, "ScaledObject")
@@ -295,8 +296,8 @@ def test_containers_match_the_service_settings(rendered: dict[str, list[Obj]], m
         assert not unknown, f"{where}: environment names no settings field reads: {unknown}"
         settings = settings_from_env(cls, env, monkeypatch)  # fails on a value the service would refuse
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}, where
-        assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0", where
+        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, "http": settings.http_port}, where
+        assert settings.host == settings.metrics_host == settings.http_host == "0.0.0.0", where
         assert env[HEALTH_TARGET_ENV] == f"127.0.0.1:{settings.port}", where
         annotations = pod["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true", where
