@@ -79,7 +79,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--adv-ramp-epochs", type=float, default=0.0, help="grow eps linearly from 0 over this long")
     p.add_argument("--checkpoint", type=Path, default=None, help="torch weights written every epoch")
     p.add_argument("--resume-weights", type=Path, default=None, help="start from a --checkpoint file's weights")
-    p.add_argument("--finalize-from", type=Path, default=None, help="skip training: export a --checkpoint file")
+    p.add_argument(
+        "--finalize-from",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="skip training: export a --checkpoint file, or the weighted average of several (--soup-weights)",
+    )
+    p.add_argument("--soup-weights", type=float, nargs="+", default=None, help="weights of the --finalize-from files")
     p.add_argument("--card-note", default="", help="a sentence for the model card's training section")
     p.add_argument("--robustness-images", type=int, default=2000, help="fixed test subset the attacks use")
     p.add_argument("--workers", type=int, default=1, help="attack worker processes (one thread each)")
@@ -487,9 +494,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("data: %d train, %d val, %d test from %s", len(train_split), len(val_split), len(test), full_train.source)
 
     if args.finalize_from is not None:
-        checkpoint = torch.load(args.finalize_from, weights_only=True)
+        checkpoints = [torch.load(path, weights_only=True) for path in args.finalize_from]
+        checkpoint = checkpoints[0]
+        weights = args.soup_weights or [1.0 / len(checkpoints)] * len(checkpoints)
+        if len(weights) != len(checkpoints) or abs(sum(weights) - 1) > 1e-6:
+            raise SystemExit("--soup-weights: one weight per --finalize-from file, summing to 1")
         model = Classifier(num_classes=len(LABELS), **checkpoint["arch"])
-        model.load_state_dict(checkpoint["model"])
+        # A weight-space average ("model soup") of runs fine-tuned from the same weights.
+        model.load_state_dict(
+            {k: sum(w * c["model"][k] for w, c in zip(weights, checkpoints, strict=True)) for k in checkpoint["model"]}
+        )
+        if len(checkpoints) > 1:
+            checkpoint = {
+                **checkpoint,
+                "command": " && ".join(c["command"] for c in checkpoints),
+            }
         history = checkpoint["history"]
         duration = sum(h["seconds"] for h in history)
     else:
