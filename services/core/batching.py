@@ -18,9 +18,10 @@ any waiting.
   isolations are counted in ``nnserve_batch_isolations_total``). The worker goes on.
 - A request larger than ``max_batch_size`` runs alone, in one call.
 - A small request (at most ``inline_max_rows`` rows) that finds the model idle (nothing queued,
-  no batch running) runs at once on the event loop: no thread hand-off and no wake-ups, which
-  on CPU is most of a small model's serving overhead. Requests that meet contention queue and
-  batch as above, so batches still form under load where they pay (GPUs).
+  no batch running) runs at once on the event loop, if the model is fast (INLINE_BUDGET_S): no
+  thread hand-off and no wake-ups, which on CPU is most of a small model's serving overhead.
+  Requests that meet contention queue and batch as above, so batches still form under load
+  where they pay (GPUs).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from services.core.errors import DeadlineExpired, InferenceFailed, InvalidInput,
 from services.core.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
+
+# The longest model call the inline path may make on the event loop: a slower model would hold up
+# every other call (health checks too) and keep its queue from forming, so overload would never
+# be shed. Measured per row, as a moving average.
+INLINE_BUDGET_S = 0.002
 
 # After a model call of at least this many rows, a batcher that then stays idle for
 # IDLE_RELEASE_S gives the arena memory the call grew back (see OnnxModel.release_memory).
@@ -157,6 +163,7 @@ class DynamicBatcher:
         self.inline_max_rows = inline_max_rows
         self._release = release
         self._grown = False  # a large call ran since memory was last released
+        self.seconds_per_row = 0.0  # moving average of model time per row, 0 until measured
         self._executing = False  # a batch is running in the executor
         self.name = name
         self.max_batch_size = max_batch_size if enabled else 1
@@ -228,7 +235,12 @@ class DynamicBatcher:
                     f"(max_queue_wait_ms={self.max_queue_wait_s * 1000:.0f}); retry later"
                 )
         rows = len(next(iter(inputs.values())))
-        if rows <= self.inline_max_rows and not self._executing and not self._queue:
+        if (
+            rows <= self.inline_max_rows
+            and not self._executing
+            and not self._queue
+            and rows * self.seconds_per_row <= INLINE_BUDGET_S
+        ):
             return self._run_inline(inputs, rows, deadline)
         request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
         self._queue.append(request)
@@ -271,6 +283,8 @@ class DynamicBatcher:
 
     def _account(self, rows: int, requests: int, started: float, finished: float, enqueued: list[float]) -> None:
         """Statistics and metrics of one successful model call and the requests it served."""
+        per_row = (finished - started) / max(rows, 1)
+        self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
         stats = self.stats
         stats.record_execution(rows, finished - started, self._metrics)
         stats.success_count += requests

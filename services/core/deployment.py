@@ -24,7 +24,7 @@ from services.core.manifest import Manifest
 from services.core.metrics import Metrics
 from services.core.repository import ModelRepository, ModelVersion
 from services.core.runtime import OnnxModel
-from services.core.settings import ServiceSettings
+from services.core.settings import ServiceSettings, available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,20 @@ def make_batcher(
 ) -> DynamicBatcher:
     """A dynamic batcher over ``predict`` configured from the service's settings.
 
-    Small requests run inline when the model is idle only on the CPU provider and without a
-    batching delay: there a row costs the same in any batch, so merging buys nothing and the
-    thread hand-off is pure overhead; on a GPU, or when a delay asks for company, they queue.
+    Small requests run inline when the model is idle only on the CPU provider, without a batching
+    delay, and when each worker has a core to itself (the default of one worker per CPU, or a
+    server pinned to one core): there a row costs the same in any batch, so merging buys nothing
+    and the thread hand-off is pure overhead. On a GPU, when a delay asks for company, or when
+    a worker has spare cores to overlap inference with the event loop, they queue.
     """
-    inline = settings.batching and settings.max_delay_ms == 0 and provider == "CPUExecutionProvider"
+    # Inline only where a worker has no spare core: with one, inference in the batcher's thread
+    # overlaps the event loop's work on the next requests (onnxruntime releases the GIL).
+    inline = (
+        settings.batching
+        and settings.max_delay_ms == 0
+        and provider == "CPUExecutionProvider"
+        and settings.workers >= available_cpus()
+    )
     return DynamicBatcher(
         predict,
         name=name,
