@@ -78,6 +78,21 @@ def check_alive(channel: grpc.Channel, method: str, request: bytes) -> None:
     assert call(channel, method, request) == "OK", "the server stopped answering good requests"
 
 
+def settled_rss(bystanders: Bystanders, servers: dict[str, ServiceProcess]) -> dict[str, int]:
+    """RSS once the servers have been idle long enough to give back what big batches took
+    (batching.IDLE_RELEASE_S), with the bystanders paused: the level memory must come back to."""
+    from services.core.batching import IDLE_RELEASE_S
+
+    bystanders.paused.set()
+    try:
+        time.sleep(IDLE_RELEASE_S + 1.5)
+        return {
+            name: min(rss_kb(s.proc.pid) for _ in range(3) if time.sleep(0.2) is None) for name, s in servers.items()
+        }
+    finally:
+        bystanders.paused.clear()
+
+
 def rss_kb(pid: int) -> int:
     line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
     return int(line.split()[1])
@@ -92,6 +107,7 @@ class Bystanders:
         self.health_ms: list[float] = []
         self.calls = 0
         self._stop = threading.Event()
+        self.paused = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.rss_after_warmup: dict[str, int] = {}
 
@@ -104,6 +120,9 @@ class Bystanders:
         channels = {name: grpc.insecure_channel(s.address) for name, s in self.servers.items()}
         try:
             while not self._stop.is_set():
+                if self.paused.is_set():
+                    self._stop.wait(0.05)
+                    continue
                 for name, channel in channels.items():
                     method, request = good[name]
                     started = time.perf_counter()
@@ -190,7 +209,7 @@ def test_warm_up_and_note_memory(channels, bystanders, classify_server, restore_
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for _ in range(5):
             list(pool.map(lambda c: call(channels[c[0]], c[1], c[2]), decode_calls))
-    bystanders.rss_after_warmup = {name: rss_kb(s.proc.pid) for name, s in servers.items()}
+    bystanders.rss_after_warmup = settled_rss(bystanders, servers)
 
 
 def _png(width: int, height: int) -> bytes:
@@ -452,8 +471,9 @@ def test_servers_are_healthy_after_fuzzing(  # type: ignore[no-untyped-def]
     assert health[-1] < 1000, f"a health check took {health[-1]:.0f} ms during fuzzing"
     if bystanders.rss_after_warmup:
         servers = {"classify": classify_server, "restore": restore_server, "generate": generate_server}
-        for name, server in servers.items():
-            end = min(rss_kb(server.proc.pid) for _ in range(3) if time.sleep(0.2) is None)
+        settled = settled_rss(bystanders, servers)
+        for name in servers:
+            end = settled[name]
             start = bystanders.rss_after_warmup[name]
             print(f"{name}: RSS {start // 1024} MiB after warm-up, {end // 1024} MiB after fuzzing")
             assert end < start * 1.10, f"{name} RSS grew {end / start - 1:.1%} during fuzzing"

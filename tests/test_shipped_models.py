@@ -116,6 +116,7 @@ def test_gan_bars_through_onnxruntime() -> None:
 
 @needs_data
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 200,000 denoiser rows: about 3 minutes on a quiet core, more on a busy one
 def test_diffusion_bars_through_onnxruntime() -> None:
     """DDIM-50 class consistency >= 90%, domain FID below the GAN's at the same sample count; as recorded."""
     from training.evaluate import generative_metrics

@@ -6,7 +6,6 @@ python -m training.train_autoencoder --dry-run
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from training.export import (
 from training.models.autoencoder import Restorer
 from training.models.classifier import Classifier
 from training.plots import save_curves, save_grid
+from training.train_classifier import parse_args as classifier_args
 from training.train_classifier import split_train_val
 from training.train_classifier import train as train_classifier
 
@@ -74,8 +74,11 @@ def train_teacher(train_split: Split, args: Any) -> tuple[Classifier | None, flo
     if args.semantic_weight <= 0:
         return None, None
     fit, val = split_train_val(train_split, min(2000, len(train_split) // 8), args.seed + 1)
-    teacher_args = argparse.Namespace(
-        seed=args.seed + 1, epochs=args.teacher_epochs, lr=3e-3, batch_size=args.batch_size
+    # The classifier script's own defaults for everything its training loop reads, so the teacher
+    # keeps up as that loop grows options (it failed on a missing weight_decay, then epoch_size).
+    teacher_args = classifier_args(
+        ["--seed", str(args.seed + 1), "--epochs", str(args.teacher_epochs), "--lr", "3e-3"]
+        + ["--batch-size", str(args.batch_size)]
     )
     teacher = Classifier(widths=tuple(args.teacher_widths), hidden=64)
     history = train_classifier(teacher, fit, val, teacher_args)
