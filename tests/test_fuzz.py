@@ -467,8 +467,9 @@ def test_servers_are_healthy_after_fuzzing(  # type: ignore[no-untyped-def]
         f"bystanders: {bystanders.calls} valid calls, health checks p50 {health[len(health) // 2]:.1f} ms, "
         f"max {health[-1]:.1f} ms over {len(health)}"
     )
-    # A health check waiting behind a blocked event loop took seconds (a 6300^2 decode: 3.9 s).
-    assert health[-1] < 1000, f"a health check took {health[-1]:.0f} ms during fuzzing"
+    # A health check waiting behind a blocked event loop took seconds (a 6300^2 decode: 3.9 s on a
+    # quiet machine); the bound leaves room for a busy machine's scheduling, not for a blocked loop.
+    assert health[-1] < 2500, f"a health check took {health[-1]:.0f} ms during fuzzing"
     if bystanders.rss_after_warmup:
         servers = {"classify": classify_server, "restore": restore_server, "generate": generate_server}
         settled = settled_rss(bystanders, servers)
