@@ -85,6 +85,7 @@ bench: $(VENV)/.installed-all bench-venvs
 	$(BIN)/python benchmarks/generate_bench.py --out benchmarks/results/generate.json
 	$(BIN)/python benchmarks/model_speed.py --seconds 4 --rounds 2 --out benchmarks/results/model_speed.json
 	$(BIN)/python benchmarks/run.py --seconds 3
+	$(BIN)/python benchmarks/http_bench.py --seconds 3 --write
 	bash benchmarks/profile_classify.sh 10
 
 # The compose deployment end to end on a local Docker engine (installs and starts one if needed;

@@ -65,7 +65,7 @@ def server(name: str, workdir: Path) -> Iterator[tuple[int, int, int]]:
         command = [PY, "-m", "services.classify", "--port", str(grpc_port), "--http-port", str(http_port)]
         command += ["--metrics-port", "none", "--intra-op-threads", "1", "--max-queue-size", "4096"]
         command += ["--model-poll-interval-s", "0", "--model-repository", str(MODEL.parent.parent.parent)]
-        command += ["--workers", "1"]
+        command += ["--workers", "1", "--model-version", "1"]  # the file the peers load
     elif name == "kserve":
         command = [str(ROOT / ".venv-kserve/bin/python"), "benchmarks/peers/kserve_server.py", "--model", str(MODEL)]
         command += ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
