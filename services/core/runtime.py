@@ -14,6 +14,11 @@ from services.core.repository import ModelVersion
 
 log = logging.getLogger(__name__)
 
+# onnxruntime may look up its telemetry endpoint from a running service; a model server sends
+# nothing anywhere but its replies.
+if hasattr(ort, "disable_telemetry_events"):
+    ort.disable_telemetry_events()
+
 
 def choose_providers(requested: Iterable[str]) -> list[str]:
     """The requested providers that this onnxruntime build offers, in order; CPU as the last resort."""
