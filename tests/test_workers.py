@@ -110,3 +110,17 @@ m_info{version="1"} 1.0
     assert 'h_seconds_bucket{le="+Inf"} 4.0' in merged and "h_seconds_sum 0.6" in merged
     assert 'm_info{version="1"} 1.0' in merged
     assert "_created" not in merged
+
+
+def test_workers_share_one_http_port(two_workers: ServiceProcess) -> None:
+    """With --http-port 0 each worker bound a random port of its own and the port file named worker
+    0's, so the other never served HTTP. Now both bind one port and new connections spread."""
+    info = port_info(two_workers)
+    for _ in range(40):  # each urlopen is a new connection: SO_REUSEPORT spreads them
+        with urllib.request.urlopen(f"http://127.0.0.1:{info['http_port']}/v2/health/ready", timeout=10) as reply:
+            assert reply.status == 200
+    served = []
+    for port in info["worker_metrics_ports"]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            served.append(metric_value(reply.read().decode(), "nnserve_http_requests_total"))
+    assert sum(served) == 40 and all(n > 0 for n in served), served

@@ -144,7 +144,11 @@ def supervise(
     count = settings.workers
     port = settings.port or free_port(settings.host)
     run_dir = _state_dir()
-    worker_settings = settings.model_copy(update={"port": port, "metrics_port": 0, "metrics_host": "127.0.0.1"})
+    update: dict[str, Any] = {"port": port, "metrics_port": 0, "metrics_host": "127.0.0.1"}
+    http_port = getattr(settings, "http_port", None)
+    if http_port == 0:  # one port for all workers, as for gRPC, or each would bind its own
+        update["http_port"] = free_port(getattr(settings, "http_host", settings.host))
+    worker_settings = settings.model_copy(update=update)
     stopping = threading.Event()
     workers: dict[int, int] = {}  # pid -> worker index
 
