@@ -206,10 +206,33 @@ def test_warm_up_and_note_memory(channels, bystanders, classify_server, restore_
         )
         for image in EXTREME_IMAGES * 2
     ]
+    # And the big messages the fuzz sends every service: 100,000-character names, long unknown
+    # paths, raw tensors of every size the fuzz draws. gRPC's and Python's allocators keep a working
+    # set for each kind of call; reached here, it is the warm level the fuzzing must come back to.
+    heavy_calls = [
+        (name, "/inference.GRPCInferenceService/ModelConfig", oip_pb.ModelConfigRequest(name=c * 100_000))
+        for name in ("classify", "restore", "generate")
+        for c in "abc"
+    ] + [
+        (name, "/inference.GRPCInferenceService/ModelInfer", _raw_infer(size))
+        for name in ("classify", "restore", "generate")
+        for size in (0, 800, 3200)
+    ]
+    heavy = [(name, method, request.SerializeToString()) for name, method, request in heavy_calls]
+    unknown = [(name, "/" + "x" * length, b"") for name in ("classify", "restore", "generate") for length in (50, 300)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for _ in range(5):
             list(pool.map(lambda c: call(channels[c[0]], c[1], c[2]), decode_calls))
+        for _ in range(100):
+            list(pool.map(lambda c: call(channels[c[0]], c[1], c[2]), heavy + unknown))
     bystanders.rss_after_warmup = settled_rss(bystanders, servers)
+
+
+def _raw_infer(size: int) -> oip_pb.ModelInferRequest:
+    request = oip_pb.ModelInferRequest(model_name="classifier", id="warm-up")
+    request.inputs.add(name="image", datatype="FP32", shape=[size])
+    request.raw_input_contents.append(bytes(size))
+    return request
 
 
 def _png(width: int, height: int) -> bytes:
