@@ -254,3 +254,82 @@ def test_fast_sampler_bars_through_onnxruntime() -> None:
     assert metrics["domain_fid"] <= 1.10 * m["domain_fid"], metrics["domain_fid"]
     assert metrics["class_consistency"] == pytest.approx(recorded["class_consistency"], abs=1e-4)
     assert metrics["domain_fid"] == pytest.approx(recorded["domain_fid"], rel=1e-3)
+
+
+from services.core.repository import ModelVersion  # noqa: E402  (appended section)
+
+
+def _classifier_with_ood_score(name: str) -> ModelVersion:
+    version = ModelRepository(MODELS).resolve(name)
+    assert [o.name for o in version.manifest.outputs] == ["logits", "ood_score"]
+    assert version.manifest.ood is not None and version.manifest.ood.score == "mahalanobis_energy"
+    return version
+
+
+@needs_data
+@pytest.mark.slow
+def test_classifier_ood_bar_through_onnxruntime() -> None:
+    """The graph's ood_score: AUROC >= 0.95 on every far-OOD set (seeded, regenerated), as recorded; the
+    threshold flags ~5% of the held-out validation images it was calibrated on."""
+    from training.evaluate import ood_benchmark, to_input
+    from training.export import onnx_session, run_onnx
+    from training.ood import FAR_OOD
+    from training.train_classifier import split_train_val
+
+    version = _classifier_with_ood_score("classifier")
+    recorded = version.manifest.metrics["ood_benchmark"]
+    table = ood_benchmark(version.directory, load_split("test"), recorded["images_per_set"], recorded["seed"])
+    for name in FAR_OOD:
+        assert table[name]["auroc"] >= 0.95, (name, table[name])
+    for name, row in table.items():
+        assert row["auroc"] == pytest.approx(recorded["shipped_score"][name]["auroc"], abs=2e-4), name
+    training = version.manifest.training
+    assert training is not None
+    _, val = split_train_val(load_split("train"), int(training.model_extra["val_size"]), training.seed)
+    scores = run_onnx(onnx_session(version.onnx_path), {"image": to_input(val.images)})[1]
+    assert float((scores > version.manifest.ood.threshold).mean()) == pytest.approx(0.05, abs=0.002)
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_robust_classifier_figures_through_onnxruntime() -> None:
+    """classifier_robust: clean accuracy (10k test images) and PGD-20 at eps 0.1 on the fixed 2,000-image
+    subset recomputed as recorded; far above the standard classifier's ~0; more PGD steps do not raise
+    accuracy (no gradient masking). (The issue's bars, 85% clean and 70% under PGD-20, are missed by
+    0.5 and 2.3 points: see the model card.)"""
+    from training.evaluate import robustness
+
+    version = _classifier_with_ood_score("classifier_robust")
+    test = load_split("test")
+    clean = classifier_metrics(classifier_logits(version.directory, test.images), test.labels)["accuracy"]
+    assert clean == pytest.approx(version.manifest.metrics["accuracy"], abs=1e-4)
+    recorded = version.manifest.metrics["robustness"]
+    report = robustness(
+        version.directory,
+        test,
+        recorded["images"],
+        recorded["seed"],
+        eps_grid=(0.1,),
+        fgsm_eps=(),
+        workers=2,
+        chunk=250,
+    )
+    assert report["pgd20"]["0.1"] == pytest.approx(recorded["pgd20"]["0.1"], abs=0.005)
+    assert report["pgd20"]["0.1"] >= 0.6, report
+    check = report["steps_check"]
+    assert check["pgd50"] <= check["pgd20"], check
+    assert check == recorded["steps_check"]
+
+
+@needs_data
+@pytest.mark.slow
+def test_standard_classifier_falls_to_pgd() -> None:
+    """The attack works: the standard classifier's PGD-20 accuracy at eps 0.1 is near 0 (500 subset images)."""
+    from training.evaluate import robustness
+
+    version = _classifier_with_ood_score("classifier")
+    report = robustness(
+        version.directory, load_split("test"), 500, 0, eps_grid=(0.1,), fgsm_eps=(), steps_check=None, chunk=250
+    )
+    assert report["clean"] > 0.9 and report["pgd20"]["0.1"] <= 0.02, report

@@ -636,14 +636,13 @@ def finalize(
     # The attacks are the slow part: they run in worker processes while the rest is measured here.
     n_rob = 64 if args.dry_run else args.robustness_images
     rob_idx = test_subset(len(test), n_rob, args.seed)
-    robust = args.adv_eps > 0
     pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
     rob_future = pool.submit(
         robustness_report,
         str(onnx_path),
         test.images[rob_idx],
         test.labels[rob_idx],
-        steps_check=(0.1, 50, 16 if args.dry_run else 500) if robust else None,
+        steps_check=(0.1, 50, 16 if args.dry_run else 500),
         seed=args.seed,
         workers=args.workers,
         chunk=32 if args.dry_run else 250,
