@@ -48,7 +48,7 @@ INLINE_BUDGET_S = 0.002
 
 # After a model call of at least this many rows, a batcher that then stays idle for
 # IDLE_RELEASE_S gives the arena memory the call grew back (see OnnxModel.release_memory).
-RELEASE_AFTER_ROWS = 64
+RELEASE_AFTER_ROWS = 8
 IDLE_RELEASE_S = 2.0
 
 # A server sees a call's deadline a little after the client set it (the call's transit time), so
