@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import PY, free_port  # noqa: E402
+from benchmarks.run import PY, free_port, mlserver_folder  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "classifier" / "1" / "model.onnx"
@@ -70,24 +69,8 @@ def server(name: str, workdir: Path) -> Iterator[tuple[int, int, int]]:
         command = [str(ROOT / ".venv-kserve/bin/python"), "benchmarks/peers/kserve_server.py", "--model", str(MODEL)]
         command += ["--grpc-port", str(grpc_port), "--http-port", str(http_port)]
     elif name == "mlserver":
-        folder = workdir / "mlserver"
-        folder.mkdir(exist_ok=True)
-        shutil.copy(ROOT / "benchmarks/peers/mlserver/onnx_runtime.py", folder)
-        settings = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": free_port(), "parallel_workers": 0}
-        model = {
-            "name": "classifier",
-            "implementation": "onnx_runtime.OnnxClassifier",
-            "parameters": {"uri": str(MODEL)},
-            "max_batch_size": 64,
-            "max_batch_time": 0.002,
-            "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
-        }
-        (folder / "settings.json").write_text(json.dumps(settings))
-        (folder / "model-settings.json").write_text(json.dumps(model))
-        command = [str(ROOT / ".venv-mlserver/bin/mlserver"), "start", str(folder)]
-        env["PYTHONPATH"] = str(folder)
-        cwd = folder
+        command, cwd = mlserver_folder(workdir, MODEL, grpc_port, http_port)
+        env["PYTHONPATH"] = str(cwd)
     else:
         raise ValueError(name)
     log = open(workdir / f"{name}.log", "wb")

@@ -141,24 +141,8 @@ def server(
             str(free_port()),
         ]
     elif name == "mlserver":
-        folder = workdir / "mlserver"
-        folder.mkdir(exist_ok=True)
-        shutil.copy(ROOT / "benchmarks/peers/mlserver/onnx_runtime.py", folder)
-        settings = {"grpc_port": port, "http_port": free_port(), "metrics_port": free_port(), "parallel_workers": 0}
-        model = {
-            "name": "classifier",
-            "implementation": "onnx_runtime.OnnxClassifier",
-            "parameters": {"uri": str(model)},
-            "max_batch_size": 64,
-            "max_batch_time": 0.002,
-            "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
-        }
-        (folder / "settings.json").write_text(json.dumps(settings))
-        (folder / "model-settings.json").write_text(json.dumps(model))
-        command = [str(ROOT / ".venv-mlserver/bin/mlserver"), "start", str(folder)]
-        env["PYTHONPATH"] = str(folder)
-        cwd = folder
+        command, cwd = mlserver_folder(workdir, model, port, free_port())
+        env["PYTHONPATH"] = str(cwd)
     else:
         raise ValueError(name)
     log = open(workdir / f"{name}.log", "wb")
@@ -174,6 +158,28 @@ def server(
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def mlserver_folder(workdir: Path, model: Path, grpc_port: int, http_port: int) -> tuple[list[str], Path]:
+    """An MLServer model folder serving ``model`` with the peers' onnxruntime runtime; (command, folder).
+
+    The folder must be on PYTHONPATH (the runtime is imported from it)."""
+    folder = workdir / "mlserver"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "benchmarks/peers/mlserver/onnx_runtime.py", folder)
+    settings = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": free_port(), "parallel_workers": 0}
+    config = {
+        "name": "classifier",
+        "implementation": "onnx_runtime.OnnxClassifier",
+        "parameters": {"uri": str(model)},
+        "max_batch_size": 64,
+        "max_batch_time": 0.002,
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+    (folder / "settings.json").write_text(json.dumps(settings))
+    (folder / "model-settings.json").write_text(json.dumps(config))
+    return [str(ROOT / ".venv-mlserver/bin/mlserver"), "start", str(folder)], folder
 
 
 def load(address: str, rpc: str, seconds: float, *args: str, pin: bool = True) -> dict:
