@@ -211,7 +211,7 @@ def test_stop_cancels_sampling_on_the_generate_service(
 def test_service_errors_show_as_messages(browser: WebDriver, tmp_path: Path) -> None:
     generate(browser, "diffusion", "", "4", "5000")
     error = wait(browser, lambda d: visible(d, "generate-error") and d.find_element(By.ID, "generate-error"), "")
-    assert "HTTP 400: generate: OUT_OF_RANGE: diffusion.steps: 5000 is out of range (1..1000)" in error.text
+    assert "HTTP 400: generate: INVALID_ARGUMENT: diffusion.steps: 5000 is out of range (1..1000)" in error.text
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_bytes(b"not an image at all")
     browser.find_element(By.ID, "classify-file").send_keys(str(not_an_image))

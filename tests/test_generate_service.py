@@ -189,16 +189,16 @@ def test_concurrent_requests_share_denoiser_calls(generate_server: ServiceProces
 
 
 BAD = {
-    "count zero": (dict(count=0), "OUT_OF_RANGE", "count"),
-    "count too large": (dict(count=17), "OUT_OF_RANGE", "count: 17 is out of range (1..16)"),
-    "label out of range": (dict(count=2, labels=[10]), "OUT_OF_RANGE", "labels[0]"),
+    "count zero": (dict(count=0), "INVALID_ARGUMENT", "count"),
+    "count too large": (dict(count=17), "INVALID_ARGUMENT", "count: 17 is out of range (1..16)"),
+    "label out of range": (dict(count=2, labels=[10]), "INVALID_ARGUMENT", "labels[0]"),
     "label count": (dict(count=3, labels=[1, 2]), "INVALID_ARGUMENT", "labels"),
-    "steps": (dict(model="diffusion", count=1, steps=1001), "OUT_OF_RANGE", "diffusion.steps"),
-    "eta": (dict(model="diffusion", count=1, eta=1.5), "OUT_OF_RANGE", "diffusion.eta"),
-    "guidance": (dict(model="diffusion", count=1, guidance_scale=float("nan")), "OUT_OF_RANGE", "guidance_scale"),
+    "steps": (dict(model="diffusion", count=1, steps=1001), "INVALID_ARGUMENT", "diffusion.steps"),
+    "eta": (dict(model="diffusion", count=1, eta=1.5), "INVALID_ARGUMENT", "diffusion.eta"),
+    "guidance": (dict(model="diffusion", count=1, guidance_scale=float("nan")), "INVALID_ARGUMENT", "guidance_scale"),
     "work": (
         dict(model="diffusion", count=16, steps=1000, sampler="ddpm", guidance_scale=2.0),
-        "OUT_OF_RANGE",
+        "INVALID_ARGUMENT",
         "denoiser rows",
     ),
 }

@@ -31,23 +31,42 @@ class NnserveError(Exception):
 
 
 class InvalidInput(NnserveError):
-    """The request is malformed: a field has the wrong type, shape, length or value."""
+    """The request is malformed: a field has the wrong type, shape, length or value.
+
+    ``field`` is the offending field's path (``diffusion.steps``, ``labels[3]``) and ``problem`` what is
+    wrong with it; clients get both apart too (a ``google.rpc.BadRequest`` field violation).
+    """
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
 
 
-class OutOfRange(NnserveError):
-    """A numeric field is well-formed but outside the range this server accepts."""
+class OutOfRange(InvalidInput):
+    """A numeric field is well-formed but outside the range this server accepts.
+
+    An InvalidInput: the range does not depend on the system's state, so gRPC's code table makes it
+    INVALID_ARGUMENT. (OUT_OF_RANGE is for a request that may succeed once the state changes, such as
+    reading past the current end of a stream; no nnserve call has such a range.)
+    """
 
     def __init__(self, field: str, value: object, limit: str) -> None:
-        super().__init__(f"{field}: {value} is out of range ({limit})")
-        self.field = field
+        super().__init__(field, f"{value} is out of range ({limit})")
+        self.value = value
+        self.limit = limit
 
 
 class ModelNotFound(NnserveError):
-    """The named model or version is not in the repository (or not served here)."""
+    """The named model or version is not in the repository (or not served here).
+
+    ``model`` and ``version``, when given, name what was asked for (a ``google.rpc.ResourceInfo``).
+    """
+
+    def __init__(self, message: str, model: str = "", version: str = "") -> None:
+        super().__init__(message)
+        self.model = model
+        self.version = version
 
 
 class ModelLoadError(NnserveError):
@@ -55,7 +74,18 @@ class ModelLoadError(NnserveError):
 
 
 class Overloaded(NnserveError):
-    """The server cannot take more work now (queue full); the client may retry later."""
+    """The server cannot take more work now (queue full); the client may retry later.
+
+    ``limit`` names the setting that was reached (``max_queue_size``), ``subject`` what it limits
+    (``model classifier``) and ``retry_after_s`` when a retry may succeed, if the shedding logic knows
+    (a ``google.rpc.QuotaFailure`` and ``RetryInfo``).
+    """
+
+    def __init__(self, message: str, limit: str = "", subject: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.subject = subject
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExpired(NnserveError):
