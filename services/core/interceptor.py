@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health
 
-from services.core import errors
+from services.core import error_details, errors
 from services.core.batching import DEADLINE_SLACK_S
 from services.core.metrics import Metrics
 
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 _STATUS: dict[type[errors.NnserveError], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -264,7 +263,12 @@ class _Call:
             code = status_code.name
             if status_code is grpc.StatusCode.INTERNAL:
                 log.error("%s failed", guard.method, exc_info=exc)
-            await context.abort(status_code, message)  # raises AbortError in place of exc
+            # The google.rpc details travel in the trailer, after whatever the call put there.
+            trailer = (
+                *(context.trailing_metadata() or ()),
+                *error_details.trailing_metadata(exc, status_code, message),
+            )
+            await context.abort(status_code, message, trailer)  # raises AbortError in place of exc
             return False
         finally:
             guard.in_flight.dec()
