@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from services.core import logs
 from services.core.deployment import Deployment, ModelSlot
 from services.core.errors import ModelNotFound, shorten
 
@@ -30,12 +31,14 @@ class DataPlane:
         """The deployment serving ``name`` now; ``version`` (0, '' or None: any) must be the one served."""
         slot = self.slots.get(name)
         if slot is None:
-            raise ModelNotFound(f"model_name: unknown model {shorten(name)} (served here: {self.names})")
+            raise ModelNotFound(f"model_name: unknown model {shorten(name)} (served here: {self.names})", model=name)
         deployment = slot.current
         if version not in (None, 0, "") and str(version) != str(deployment.version):
             raise ModelNotFound(
                 f"model_version: model {shorten(name)} has no version {shorten(str(version))} here "
-                f"(serving version {deployment.version})"
+                f"(serving version {deployment.version})",
+                model=name,
+                version=str(version),
             )
         return deployment
 
@@ -53,4 +56,5 @@ class DataPlane:
         deployment: Deployment[Any], inputs: Mapping[str, np.ndarray], deadline: float | None
     ) -> dict[str, np.ndarray]:
         """Run ``inputs`` (validated, batch-first) through the deployment's batcher."""
+        logs.note_model(deployment.name, deployment.version)  # for the call's log lines and span
         return await deployment.batcher.submit(inputs, deadline)
