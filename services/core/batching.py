@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.core import tracing
 from services.core.errors import DeadlineExpired, InferenceFailed, InvalidInput, NnserveError, Overloaded, Unavailable
 from services.core.metrics import ModelMetrics
 
@@ -121,6 +122,7 @@ class _Request:
     future: asyncio.Future[dict[str, np.ndarray]]
     deadline: float | None
     enqueued: float = field(default_factory=time.perf_counter)
+    trace: object = None  # the caller's trace context, when tracing is on
 
 
 async def idle_release(
@@ -221,7 +223,10 @@ class DynamicBatcher:
                 self._metrics.queue_full.inc()
             raise Overloaded(
                 f"queue for model {self.name} is full "
-                f"(max_queue_size={self.max_queue_size} requests waiting); retry later"
+                f"(max_queue_size={self.max_queue_size} requests waiting); retry later",
+                limit="max_queue_size",
+                subject=f"model {self.name}",
+                retry_after_s=self._drain_estimate_s(),
             )
         if self.max_queue_wait_s and self._queue:
             waited = time.perf_counter() - self._queue[0].enqueued
@@ -232,7 +237,10 @@ class DynamicBatcher:
                     self._metrics.queue_full.inc()
                 raise Overloaded(
                     f"model {self.name} is overloaded: the oldest queued request has waited {waited * 1000:.0f} ms "
-                    f"(max_queue_wait_ms={self.max_queue_wait_s * 1000:.0f}); retry later"
+                    f"(max_queue_wait_ms={self.max_queue_wait_s * 1000:.0f}); retry later",
+                    limit="max_queue_wait_ms",
+                    subject=f"model {self.name}",
+                    retry_after_s=self._drain_estimate_s(),
                 )
         rows = len(next(iter(inputs.values())))
         if (
@@ -243,12 +251,20 @@ class DynamicBatcher:
         ):
             return self._run_inline(inputs, rows, deadline)
         request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
+        if tracing.enabled:
+            request.trace = tracing.capture()
         self._queue.append(request)
         self._waiting += 1
         if self._metrics:
             self._metrics.queue_depth.inc()
         self._wakeup.set()
         return await request.future
+
+    def _drain_estimate_s(self) -> float | None:
+        """Model time the queued rows need (a retry hint for shed requests); None until measured."""
+        if not self.seconds_per_row:
+            return None
+        return sum(r.rows for r in self._queue) * self.seconds_per_row
 
     def _run_inline(self, inputs: Arrays, rows: int, deadline: float | None) -> dict[str, np.ndarray]:
         """Run one small request now, on the calling (event loop) thread; the model is idle."""
@@ -276,6 +292,8 @@ class DynamicBatcher:
             self._executing = False
         finished = time.perf_counter()
         self._account(rows, 1, started, finished, [started])
+        if tracing.enabled:
+            tracing.ran_inline(self.name, m, rows, started, finished)
         if m:
             m.queue_wait.observe(0.0)
         stats.queue_count += 1
@@ -366,6 +384,8 @@ class DynamicBatcher:
             if m:
                 m.queue_wait.observe(started - request.enqueued)
         stats.queue_count += len(batch)
+        if tracing.enabled:
+            tracing.queued(self.name, m, batch, started)
         await self._run_batch(loop, batch)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
@@ -402,6 +422,8 @@ class DynamicBatcher:
             if isinstance(failure, InferenceFailed):
                 log.error("model %s failed on a request of %d rows", self.name, rows, exc_info=exc)
             self._count_failure(request, time.perf_counter())
+            if tracing.enabled:
+                tracing.ran(self.name, m, batch, rows, started, time.perf_counter(), failure)
             if not request.future.done():
                 request.future.set_exception(failure)
             return
@@ -409,6 +431,8 @@ class DynamicBatcher:
         finished = time.perf_counter()
         self._grown |= rows >= RELEASE_AFTER_ROWS
         self._account(rows, len(batch), started, finished, [r.enqueued for r in batch])
+        if tracing.enabled:
+            tracing.ran(self.name, m, batch, rows, started, finished)
         if len(batch) == 1:
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)

@@ -178,12 +178,18 @@ class StepBatcher:
         if not self._accepting:
             raise Unavailable("server is shutting down")
         if job.rows > self.max_rows_in_flight:
-            raise Overloaded(f"{job.rows} rows per step exceed max_rows_in_flight={self.max_rows_in_flight}")
+            raise Overloaded(
+                f"{job.rows} rows per step exceed max_rows_in_flight={self.max_rows_in_flight}",
+                limit="max_rows_in_flight",
+                subject=f"model {self.name}",
+            )
         if len(self._waiting) >= self.max_waiting:
             if self._metrics:
                 self._metrics.queue_full.inc()
             raise Overloaded(
-                f"{len(self._waiting)} generation jobs already wait for rows (max {self.max_waiting}); retry later"
+                f"{len(self._waiting)} generation jobs already wait for rows (max {self.max_waiting}); retry later",
+                limit="max_waiting",
+                subject=f"model {self.name}",
             )
         self._check_admission(job, deadline)
         entry = _Entry(job, asyncio.get_running_loop().create_future(), deadline, on_step)
@@ -239,7 +245,7 @@ class StepBatcher:
     def _shed(self, message: str) -> None:
         if self._metrics:
             self._metrics.queue_full.inc()
-        raise Overloaded(message)
+        raise Overloaded(message, limit="admission", subject=f"model {self.name}")
 
     def _admit(self) -> None:
         count = admissible([e.job.rows for e in self._waiting], self._rows_in_flight, self.max_rows_in_flight)
