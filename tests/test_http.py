@@ -52,7 +52,7 @@ class Reply:
     @property
     def error(self) -> str:
         document = self.json()
-        assert set(document) == {"error"}, document
+        assert "error" in document and set(document) <= {"error", "details"}, document
         return str(document["error"])
 
 

@@ -15,6 +15,7 @@ gRPC carries them as a serialized ``google.rpc.Status`` in the ``grpc-status-det
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
@@ -25,9 +26,22 @@ from grpc_status import rpc_status
 
 from services.core import errors
 
+log = logging.getLogger(__name__)
+
 DOMAIN = "nnserve"
 # RetryInfo's delay when the shedding logic has no estimate: about one batch of a slow model.
 DEFAULT_RETRY_S = 0.5
+# The message travels twice (grpc-message, and base64 in the details trailer), so what the details add
+# is kept short: gRPC caps trailing metadata (8 KiB by default), and request text is echoed here.
+NAME_CHARS = 128
+TEXT_CHARS = 256
+
+
+def _cut(text: str, limit: int) -> str:
+    # Echoed request text may hold lone surrogates, which protobuf strings (UTF-8) refuse.
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 16] + f"...({len(text)} chars)"
+
 
 # ErrorInfo.reason per domain error (UPPER_SNAKE_CASE, as google.rpc asks); the most specific class wins.
 REASONS: dict[type[errors.NnserveError], str] = {
@@ -62,33 +76,39 @@ def details_for(exc: BaseException) -> list[Message]:
     metadata: dict[str, str] = {}
     details: list[Message] = []
     if isinstance(exc, errors.InvalidInput):
-        metadata["field"] = exc.field
-        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.problem, reason=reason)
+        field = _cut(exc.field, NAME_CHARS)
+        metadata["field"] = field
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=field, description=_cut(exc.problem, TEXT_CHARS), reason=reason
+        )
         if isinstance(exc, errors.OutOfRange):
-            metadata["limit"] = exc.limit
+            metadata["limit"] = _cut(exc.limit, TEXT_CHARS)
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(exc, errors.Overloaded):
-        subject = exc.subject or "server"
+        subject = _cut(exc.subject or "server", NAME_CHARS)
         metadata["subject"] = subject
         if exc.limit:
             metadata["limit"] = exc.limit
-        violation = error_details_pb2.QuotaFailure.Violation(subject=subject, description=str(exc), quota_id=exc.limit)
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=subject, description=_cut(str(exc), TEXT_CHARS), quota_id=exc.limit
+        )
         details.append(error_details_pb2.QuotaFailure(violations=[violation]))
         retry = error_details_pb2.RetryInfo()
         delay = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_RETRY_S
         retry.retry_delay.FromNanoseconds(int(max(0.0, delay) * 1e9))
         details.append(retry)
     elif isinstance(exc, errors.ModelNotFound):
-        name = exc.model + (f"/{exc.version}" if exc.version else "")
-        if exc.model:
-            metadata["model"] = exc.model
-        if exc.version:
-            metadata["version"] = exc.version
+        model, version = _cut(exc.model, NAME_CHARS), _cut(exc.version, NAME_CHARS)
+        name = model + (f"/{version}" if version else "")
+        if model:
+            metadata["model"] = model
+        if version:
+            metadata["version"] = version
         details.append(
             error_details_pb2.ResourceInfo(
-                resource_type="nnserve.model" if not exc.version else "nnserve.model_version",
+                resource_type="nnserve.model" if not version else "nnserve.model_version",
                 resource_name=name,
-                description=str(exc),
+                description=_cut(str(exc), TEXT_CHARS),
             )
         )
     details.append(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
@@ -105,7 +125,11 @@ def rich_status(exc: BaseException, code: grpc.StatusCode, message: str) -> stat
 
 def trailing_metadata(exc: BaseException, code: grpc.StatusCode, message: str) -> tuple[tuple[str, Any], ...]:
     """The trailer that carries the details (``grpc-status-details-bin``); empty when there are none."""
-    status = rich_status(exc, code, message)
+    try:
+        status = rich_status(exc, code, message)
+    except Exception:  # the details are a help; a failure to build them must not change the status
+        log.exception("cannot build the error details of %s", type(exc).__name__)
+        return ()
     if not status.details:
         return ()
     return tuple(rpc_status.to_status(status).trailing_metadata)
@@ -115,8 +139,12 @@ def details_json(exc: BaseException) -> list[dict[str, Any]]:
     """The details as proto3 JSON objects with their ``@type``, for an HTTP error body (as
     gRPC-JSON transcoding writes a ``google.rpc.Status``)."""
     status = status_pb2.Status()
-    for detail in details_for(exc):
-        status.details.add().Pack(detail)
+    try:
+        for detail in details_for(exc):
+            status.details.add().Pack(detail)
+    except Exception:
+        log.exception("cannot build the error details of %s", type(exc).__name__)
+        return []
     document = json_format.MessageToDict(status, preserving_proto_field_name=False)
     details: list[dict[str, Any]] = document.get("details", [])
     return details

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from services.core import errors, oip
+from services.core import error_details, errors, oip
 from services.core.credentials import server_credentials
 from services.core.http_context import MAX_BODY, HttpAbort, error_response, http_status, request_timeout
 from services.core.interceptor import ServerInterceptor, status_for
@@ -221,4 +221,4 @@ class HttpServer:
             if status == 500:
                 log.error("%s failed", route, exc_info=exc)
             headers = {"Connection": "close"} if isinstance(exc, errors.Unavailable) else None
-            return error_response(status, message, headers=headers)
+            return error_response(status, message, headers=headers, details=error_details.details_json(exc))

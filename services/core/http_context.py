@@ -43,9 +43,15 @@ def http_status(code: grpc.StatusCode) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
-def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    """The protocol's error body, ``{"error": "..."}``, with ``status``."""
-    return web.json_response({"error": message}, status=status, headers=headers)
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None, details: list[dict[str, Any]] | None = None
+) -> web.Response:
+    """The protocol's error body, ``{"error": "..."}``, with ``status``; with ``details`` (the google.rpc
+    details of a domain error as proto3 JSON, see :mod:`services.core.error_details`) beside it."""
+    body: dict[str, Any] = {"error": message}
+    if details:
+        body["details"] = details
+    return web.json_response(body, status=status, headers=headers)
 
 
 def request_timeout(headers: Mapping[str, str]) -> float | None:

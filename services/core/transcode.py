@@ -23,7 +23,7 @@ from aiohttp import web
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from services.core import errors
+from services.core import error_details, errors
 from services.core.errors import InvalidInput, shorten
 from services.core.http_context import HttpContext, convert, http_status, read_body
 from services.core.interceptor import status_for
@@ -258,7 +258,10 @@ class TypedRoutes:
                     return response
                 except Exception as exc:  # the status line has gone: the error is the last event
                     code, message_text = status_for(exc)
-                    error = {"error": message_text, "status": http_status(code)}
+                    error: dict[str, Any] = {"error": message_text, "status": http_status(code)}
+                    details = error_details.details_json(exc)
+                    if details:
+                        error["details"] = details
                     if error["status"] == 500:
                         log.error("%s failed", rule.path, exc_info=exc)
                     await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
