@@ -61,6 +61,11 @@ class ServiceSpec:
     def models_optional(self) -> bool:
         return bool(getattr(self.settings, "models_optional", False))
 
+    def required(self, field: str) -> bool:
+        """Whether the service cannot start without the model that ``field`` names."""
+        optional = tuple(getattr(self.settings, "optional_model_settings", ()))
+        return not self.models_optional and field not in optional
+
     @property
     def example(self) -> str:
         return str(getattr(self.settings, "try_command", "") or "open http://{address}/ in a browser")
@@ -213,7 +218,7 @@ def _classify(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         try:
             reply = ClassifyClient(args.address, channel=channel).classify(
-                images=images, top_k=args.top_k, timeout=args.timeout
+                images=images, top_k=args.top_k, timeout=args.timeout, model_name=args.model
             )
         except grpc.RpcError as exc:
             return _call_failed(args, channel, exc, wanted)
@@ -369,7 +374,7 @@ def _up(args: argparse.Namespace) -> int:
     children: list[tuple[ServiceSpec, Launched]] = []
     for spec in wanted:
         missing = [(field, m) for field, m in zip(spec.model_settings, spec.models, strict=True) if m not in present]
-        if spec.models and (len(missing) == len(spec.models) or (missing and not spec.models_optional)):
+        if spec.models and (len(missing) == len(spec.models) or any(spec.required(f) for f, _ in missing)):
             print(f"skipping {spec.name}: no {', '.join(m for _, m in missing)} in {repository.root}", file=sys.stderr)
             continue
         # A service whose models are optional starts with those present; the others are switched off.
@@ -463,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     _client_arguments(classify, "127.0.0.1:50051", 30.0)
     classify.add_argument(
         "--top-k", type=_bounded(int, 1, 10), default=3, help="classes per image, most probable first"
+    )
+    classify.add_argument(
+        "--model",
+        default="",
+        metavar="NAME",
+        help="model to ask, e.g. classifier_robust (the adversarially trained one); default: the service's",
     )
     classify.add_argument(
         "--json", action="store_true", help="print the reply as JSON with the proto's field names (default: text)"

@@ -21,7 +21,7 @@ class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
         self, request: classify_pb2.ClassifyRequest, context: aio.ServicerContext
     ) -> classify_pb2.ClassifyResponse:
         # One version for the whole request, even across a reload.
-        deployment = self.plane.deployment(self.model_name, request.model_version)
+        deployment = self.plane.deployment(request.model_name or self.model_name, request.model_version)
         model: ClassifierModel = deployment.view
         version = deployment.version
         k = model.top_k(request.top_k, self.default_top_k)

@@ -119,8 +119,10 @@ class ClassifyClient(_Client):
         tensor: np.ndarray | None = None,
         top_k: int = 0,
         timeout: float | None = None,
+        model_name: str = "",
     ) -> classify_pb2.ClassifyResponse:
-        request = classify_pb2.ClassifyRequest(images=list(images), top_k=top_k)
+        """Classify ``images`` (encoded) or ``tensor``; ``model_name`` '' asks the service's default."""
+        request = classify_pb2.ClassifyRequest(images=list(images), top_k=top_k, model_name=model_name)
         if tensor is not None:
             request.tensor.CopyFrom(tensor_message(tensor))
         return self.stub.Classify(request, timeout=timeout)

@@ -44,11 +44,13 @@ def available_cpus() -> int:
 class ServiceSettings(BaseSettings):
     """Settings every service shares. Subclasses set the environment prefix and their own limits,
     and say which of their settings name repository models (``model_settings``; with
-    ``models_optional`` the service starts with any of them, the others set to '')."""
+    ``models_optional`` the service starts with any of them, the others set to ''; the settings in
+    ``optional_model_settings`` are served when their model is there and switched off when not)."""
 
     service: ClassVar[str] = ""
     model_settings: ClassVar[tuple[str, ...]] = ()
     models_optional: ClassVar[bool] = False
+    optional_model_settings: ClassVar[tuple[str, ...]] = ()
     try_command: ClassVar[str] = ""
 
     model_config = SettingsConfigDict(env_prefix="NNSERVE_", extra="forbid", protected_namespaces=())
@@ -118,6 +120,19 @@ class ServiceSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run the model once per batch size bucket before SERVING.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or json: one object per line (time, level, logger, message, request_id, "
+        "model, version, code, latency_ms).",
+    )
+    access_log: bool = Field(
+        False, description="Log one line per call (method or route, code, latency, request id, model and version)."
+    )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry tracing (the tracing extra): a span per call continuing the caller's traceparent, "
+        "with queue-wait, batch and inference spans; exported by OTLP as the OTEL_* environment configures.",
+    )
     tls_cert_file: Path | None = Field(
         None, description="PEM server certificate (chain); with tls_key_file enables TLS."
     )
@@ -184,7 +199,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[ServiceSet
         flag = "--" + name.replace("_", "-")
         default = info.default if not isinstance(info.default, Path) else str(info.default)
         help_text = f"{info.description or ''} [env {prefix}{name.upper()}; default {default}]"
-        parser.add_argument(flag, dest=f"setting_{name}", default=None, metavar=name.upper(), help=help_text)
+        # A switch may stand alone (--access-log) or take a value (--access-log false).
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
+        parser.add_argument(flag, dest=f"setting_{name}", default=None, metavar=name.upper(), help=help_text, **switch)
 
 
 def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:

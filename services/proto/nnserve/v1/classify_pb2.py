@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from services.proto.nnserve.v1 import tensor_pb2 as nnserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nnserve/v1/classify.proto\x12\nnnserve.v1\x1a\x17nnserve/v1/tensor.proto\"k\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.nnserve.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"G\n\x0f\x43lassPrediction\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"r\n\x0e\x43lassification\x12\x30\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1b.nnserve.v1.ClassPrediction\x12\x11\n\tood_score\x18\x02 \x01(\x02\x12\x1b\n\x13out_of_distribution\x18\x03 \x01(\x08\"r\n\x10\x43lassifyResponse\x12\x33\n\x0f\x63lassifications\x18\x01 \x03(\x0b\x32\x1a.nnserve.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x32X\n\x0f\x43lassifyService\x12\x45\n\x08\x43lassify\x12\x1b.nnserve.v1.ClassifyRequest\x1a\x1c.nnserve.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19nnserve/v1/classify.proto\x12\nnnserve.v1\x1a\x17nnserve/v1/tensor.proto\"\x7f\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.nnserve.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x12\n\nmodel_name\x18\x05 \x01(\t\"G\n\x0f\x43lassPrediction\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"r\n\x0e\x43lassification\x12\x30\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1b.nnserve.v1.ClassPrediction\x12\x11\n\tood_score\x18\x02 \x01(\x02\x12\x1b\n\x13out_of_distribution\x18\x03 \x01(\x08\"r\n\x10\x43lassifyResponse\x12\x33\n\x0f\x63lassifications\x18\x01 \x03(\x0b\x32\x1a.nnserve.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x32X\n\x0f\x43lassifyService\x12\x45\n\x08\x43lassify\x12\x1b.nnserve.v1.ClassifyRequest\x1a\x1c.nnserve.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nnserve.v1.classify_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=66
-  _globals['_CLASSIFYREQUEST']._serialized_end=173
-  _globals['_CLASSPREDICTION']._serialized_start=175
-  _globals['_CLASSPREDICTION']._serialized_end=246
-  _globals['_CLASSIFICATION']._serialized_start=248
-  _globals['_CLASSIFICATION']._serialized_end=362
-  _globals['_CLASSIFYRESPONSE']._serialized_start=364
-  _globals['_CLASSIFYRESPONSE']._serialized_end=478
-  _globals['_CLASSIFYSERVICE']._serialized_start=480
-  _globals['_CLASSIFYSERVICE']._serialized_end=568
+  _globals['_CLASSIFYREQUEST']._serialized_end=193
+  _globals['_CLASSPREDICTION']._serialized_start=195
+  _globals['_CLASSPREDICTION']._serialized_end=266
+  _globals['_CLASSIFICATION']._serialized_start=268
+  _globals['_CLASSIFICATION']._serialized_end=382
+  _globals['_CLASSIFYRESPONSE']._serialized_start=384
+  _globals['_CLASSIFYRESPONSE']._serialized_end=498
+  _globals['_CLASSIFYSERVICE']._serialized_start=500
+  _globals['_CLASSIFYSERVICE']._serialized_end=588
 # @@protoc_insertion_point(module_scope)

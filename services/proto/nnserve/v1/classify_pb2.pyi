@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("images", "tensor", "top_k", "model_version")
+    __slots__ = ("images", "tensor", "top_k", "model_version", "model_name")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     tensor: _tensor_pb2.Tensor
     top_k: int
     model_version: int
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+    model_name: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., model_version: _Optional[int] = ..., model_name: _Optional[str] = ...) -> None: ...
 
 class ClassPrediction(_message.Message):
     __slots__ = ("class_id", "label", "probability")
