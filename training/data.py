@@ -104,3 +104,13 @@ def fake_split(n: int, seed: int = 0) -> Split:
         row = 2 + 2 * int(label)
         images[i, row : row + 3, 4:24] = 220
     return Split(images=images, labels=labels, source=f"fake(n={n}, seed={seed})")
+
+
+def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """(fit, validation): ``val_size`` images of ``train`` held out at random, drawn with ``seed``."""
+    order = np.random.default_rng(seed).permutation(len(train))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    return (
+        Split(train.images[train_idx], train.labels[train_idx], train.source),
+        Split(train.images[val_idx], train.labels[val_idx], train.source),
+    )

@@ -5,7 +5,9 @@ The steps every training script runs after training:
 1. :func:`export_onnx` writes one self-contained ``model.onnx`` (pinned opset, named inputs and
    outputs, dynamic batch axis, weights inside the file) and runs ``onnx.checker``.
 2. :func:`check_parity` compares onnxruntime with PyTorch on given inputs.
-3. :func:`write_artifacts` writes ``manifest.json`` (with the file's sha256) and ``MODEL_CARD.md``.
+3. :func:`write_model` builds the manifest's fields (version from the output directory, inputs and
+   outputs read back from the graph) and writes ``manifest.json`` (with the file's sha256) and
+   ``MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import platform
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from pydantic import BaseModel
 
-from services.core.manifest import MANIFEST_FILE, ONNXRUNTIME_DTYPES, Manifest, TensorSpec, TrainingInfo, file_sha256
+from services.core.manifest import (
+    MANIFEST_FILE,
+    ONNXRUNTIME_DTYPES,
+    Manifest,
+    OodCalibration,
+    Preprocessing,
+    TensorSpec,
+    TrainingInfo,
+    file_sha256,
+)
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -152,12 +164,16 @@ def tensor_specs(
     return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
 
 
-def command_line(argv: Sequence[str] | None) -> str:
-    """The command that reproduces this run, as a user would type it."""
+def command_line(argv: Sequence[str] | None, module: str | None = None) -> str:
+    """The command that reproduces this run, as a user would type it.
+
+    ``module`` names the ``training.<module>`` entry point; by default the running script's.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    module = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "train"
-    if module in ("", "-c", "__main__"):
-        module = "train"
+    if module is None:
+        module = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "train"
+        if module in ("", "-c", "__main__"):
+            module = "train"
     return shlex.join(["python", "-m", f"training.{module}", *args])
 
 
@@ -175,6 +191,63 @@ def training_info(
         torch_version=torch.__version__,
         **extra,
     )
+
+
+def model_version(out_dir: Path) -> int:
+    """The version a manifest records: its directory's name (1 for a directory not named by a number)."""
+    return int(out_dir.name) if out_dir.name.isdigit() else 1
+
+
+def manifest_fields(
+    out_dir: Path,
+    *,
+    name: str,
+    task: str,
+    preprocessing: Preprocessing,
+    parameters: int,
+    metrics: dict[str, Any],
+    training: TrainingInfo,
+    labels: Sequence[str] = (),
+    ood: OodCalibration | None = None,
+    extra: Mapping[str, Any] | None = None,
+    ranges: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """Every field of the manifest but the checksum, for the graph already exported to ``out_dir``.
+
+    The version comes from the directory's name, the opset is :data:`OPSET`, and inputs and
+    outputs are read back from the graph (``ranges`` as for :func:`tensor_specs`).
+    """
+    inputs, outputs = tensor_specs(onnx_session(out_dir / MODEL_FILE), ranges)
+    return {
+        "name": name,
+        "version": model_version(out_dir),
+        "task": task,
+        "opset": OPSET,
+        "inputs": inputs,
+        "outputs": outputs,
+        "preprocessing": preprocessing,
+        "labels": list(labels),
+        "parameters": parameters,
+        "ood": ood,
+        "metrics": metrics,
+        "training": training,
+        "extra": dict(extra or {}),
+    }
+
+
+def card_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` with its pydantic values (training, ood, preprocessing) as plain dicts, for card templates."""
+    return {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in fields.items()}
+
+
+def write_model(out_dir: Path, card: Callable[[dict[str, Any]], str], **fields: Any) -> Manifest:
+    """Build the manifest (:func:`manifest_fields`) and write it and the model card beside ``model.onnx``.
+
+    ``card`` renders the model card from the fields as plain dicts (:func:`card_fields`);
+    ``{sha256}`` in its text becomes the checksum.
+    """
+    built = manifest_fields(out_dir, **fields)
+    return write_artifacts(out_dir, built, card(card_fields(built)))
 
 
 def write_artifacts(out_dir: Path, fields: Mapping[str, Any], card: str) -> Manifest:

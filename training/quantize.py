@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -38,9 +36,9 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from services.core.manifest import MANIFEST_FILE, Manifest, TrainingInfo
+from services.core.manifest import MANIFEST_FILE, Manifest, TrainingInfo, file_sha256
 from services.core.repository import manifest_file
-from training.data import Split, fake_split, file_sha256, load_split
+from training.data import Split, fake_split, load_split
 from training.evaluate import (
     calibrate_ood,
     classifier_metrics,
@@ -49,7 +47,7 @@ from training.evaluate import (
     speed_comparison,
     to_input,
 )
-from training.export import CARD_FILE, markdown_table, onnx_session, run_onnx
+from training.export import CARD_FILE, command_line, markdown_table, onnx_session, run_onnx
 
 log = logging.getLogger("quantize")
 
@@ -294,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics["speed_1thread"] = speed_comparison(fp32_path, int8_path, example, (1, 64), args.speed_seconds)
         log.info("speed: %s", metrics["speed_1thread"])
     log.info("metrics: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
-    command = shlex.join(["python", "-m", "training.quantize", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv, module="quantize")
     ood = fp32.ood.model_copy(update={"threshold": metrics["ood_threshold"]}) if fp32.ood else None
     manifest = fp32.model_copy(
         update={

@@ -17,28 +17,25 @@ import torch
 import torch.nn.functional as F
 
 from services.core.manifest import OodCalibration, Preprocessing
+from training.classifier_training import parse_args as classifier_args
+from training.classifier_training import train as train_classifier
 from training.common import base_parser, finish_args, load_data, setup
 from training.corruptions import KINDS, corrupt, gaussian, rectangles, stroke_bank, strokes
-from training.data import Split
+from training.data import Split, split_train_val
 from training.evaluate import classifier_logits, psnr, ssim, synthetic_ood, to_input
 from training.export import (
     MODEL_FILE,
-    OPSET,
     check_parity,
     export_onnx,
     markdown_table,
     onnx_session,
     run_onnx,
-    tensor_specs,
     training_info,
-    write_artifacts,
+    write_model,
 )
 from training.models.autoencoder import Restorer
 from training.models.classifier import Classifier
 from training.plots import save_curves, save_grid
-from training.train_classifier import parse_args as classifier_args
-from training.train_classifier import split_train_val
-from training.train_classifier import train as train_classifier
 
 log = logging.getLogger("train_autoencoder")
 
@@ -320,23 +317,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         args.out / "before_after.png",
     )
-    inputs, outputs = tensor_specs(onnx_session(onnx_path))
-    fields: dict[str, Any] = {
-        "name": "autoencoder",
-        "version": int(args.out.name) if args.out.name.isdigit() else 1,
-        "task": "image-restoration",
-        "opset": OPSET,
-        "inputs": inputs,
-        "outputs": outputs,
-        "preprocessing": Preprocessing(description="Grayscale 28x28 in [0,1], light object on dark background."),
-        "parameters": parameters,
-        "ood": OodCalibration(
+    manifest = write_model(
+        args.out,
+        lambda fields: model_card(fields, history),
+        name="autoencoder",
+        task="image-restoration",
+        preprocessing=Preprocessing(description="Grayscale 28x28 in [0,1], light object on dark background."),
+        parameters=parameters,
+        ood=OodCalibration(
             score="reconstruction_mse",
             threshold=threshold,
             calibration="99th percentile of mean((restored - input)^2) on the 10k clean test images",
         ),
-        "metrics": metrics,
-        "training": training_info(
+        metrics=metrics,
+        training=training_info(
             argv,
             args.seed,
             train_split.source,
@@ -352,15 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind_weights=dict(zip(KINDS, args.kind_weights, strict=True)),
             history=history,
         ),
-        "extra": {
+        extra={
             "corruptions": list(KINDS),
             "mask_semantics": "1 marks a damaged pixel to inpaint; zeros when unknown",
         },
-    }
-    card = model_card(
-        {**fields, "ood": fields["ood"].model_dump(), "training": fields["training"].model_dump()}, history
     )
-    manifest = write_artifacts(args.out, fields, card)
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     if not parity.allclose:
         log.error("parity check failed: %s", parity)

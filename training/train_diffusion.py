@@ -26,14 +26,12 @@ from training.diffusion.schedule import cosine_alphas_cumprod, epsilon_loss, to_
 from training.evaluate import generative_metrics, to_input
 from training.export import (
     MODEL_FILE,
-    OPSET,
     check_parity,
     export_onnx,
     markdown_table,
     onnx_session,
-    tensor_specs,
     training_info,
-    write_artifacts,
+    write_model,
 )
 from training.models.unet import UNet
 from training.plots import save_curves, save_grid
@@ -298,23 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_grid(grid.reshape(10, 10, 28, 28), args.out / "sample_grid.png")
     if history:
         save_curves(history, ["train_loss"], args.out / "training_curves.png", "diffusion")
-    inputs, outputs = tensor_specs(
-        onnx_session(onnx_path), ranges={"t": (0, NUM_TRAIN_STEPS - 1), "label": (0, NULL_CLASS)}
-    )
-    fields: dict[str, Any] = {
-        "name": "diffusion_denoiser",
-        "version": int(args.out.name) if args.out.name.isdigit() else 1,
-        "task": "diffusion-denoiser",
-        "opset": OPSET,
-        "inputs": inputs,
-        "outputs": outputs,
-        "preprocessing": Preprocessing(
+    manifest = write_model(
+        args.out,
+        model_card,
+        name="diffusion_denoiser",
+        task="diffusion-denoiser",
+        preprocessing=Preprocessing(
             description="x_t and samples live in [-1,1]; images are (x + 1) / 2 clipped to [0,1]."
         ),
-        "labels": list(LABELS),
-        "parameters": parameters,
-        "metrics": metrics,
-        "training": training_info(
+        labels=LABELS,
+        parameters=parameters,
+        metrics=metrics,
+        training=training_info(
             argv,
             args.seed,
             train_split.source,
@@ -326,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ema_decay=args.ema_decay,
             history=history,
         ),
-        "extra": {
+        extra={
             "num_train_timesteps": NUM_TRAIN_STEPS,
             "schedule": "cosine",
             "prediction_type": "epsilon",
@@ -339,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data_range": [-1.0, 1.0],
             "widths": list(args.widths),
         },
-    }
-    manifest = write_artifacts(args.out, fields, model_card({**fields, "training": fields["training"].model_dump()}))
+        ranges={"t": (0, NUM_TRAIN_STEPS - 1), "label": (0, NULL_CLASS)},
+    )
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     return 0 if parity.allclose else 1
 
