@@ -67,8 +67,8 @@ def test_a_failing_batch_is_isolated_so_only_the_poisoned_request_fails(tiny_rep
     merged = [n for n in batch_sizes if n > 1]
     assert merged, f"the four requests were never merged: {batch_sizes}"
     assert metric_value(text, "nnserve_batch_isolations_total") == len(merged)
-    assert metric_value(text, "nnserve_grpc_requests_total", code="INTERNAL") == 1
-    assert metric_value(text, "nnserve_grpc_requests_total", code="OK") == 4
+    assert metric_value(text, "nnserve_grpc_requests_total", grpc_code="INTERNAL") == 1
+    assert metric_value(text, "nnserve_grpc_requests_total", grpc_code="OK") == 4
 
 
 def test_onnxruntime_refusing_one_requests_values_is_that_requests_invalid_argument() -> None:

@@ -23,7 +23,8 @@ from services.client import ClassifyClient, channel_options, tensor_message
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc, tensor_pb2
 from tests.helpers import ServiceProcess, metric_value, start_service
 
-METHOD = "nnserve.v1.ClassifyService/Classify"
+# The labels of the typed Classify call's series.
+METHOD = {"grpc_service": "nnserve.v1.ClassifyService", "grpc_method": "Classify"}
 
 
 def reference_probabilities(repository: Path, version: int, images: np.ndarray) -> np.ndarray:
@@ -257,8 +258,8 @@ def _check_batched(classify_server: ServiceProcess) -> None:
     results = asyncio.run(_concurrent_classify(classify_server.address, 64))
     assert all(isinstance(r, classify_pb2.ClassifyResponse) for r in results), results
     after = classify_server.metrics_text()
-    ok = metric_value(after, "nnserve_grpc_requests_total", method=METHOD, code="OK") - metric_value(
-        before, "nnserve_grpc_requests_total", method=METHOD, code="OK"
+    ok = metric_value(after, "nnserve_grpc_requests_total", **METHOD, grpc_code="OK") - metric_value(
+        before, "nnserve_grpc_requests_total", **METHOD, grpc_code="OK"
     )
     assert ok == 64
     rows = metric_value(after, "nnserve_batch_size_rows_sum") - metric_value(before, "nnserve_batch_size_rows_sum")
@@ -368,7 +369,7 @@ def test_full_queue_is_refused_at_once(tiny_repository: Path, tmp_path: Path) ->
         assert time.perf_counter() - started < 10
         text = server.metrics_text()
         assert metric_value(text, "nnserve_batch_rejected_total", reason="queue_full") == 1
-        assert metric_value(text, "nnserve_grpc_requests_total", method=METHOD, code="RESOURCE_EXHAUSTED") == 1
+        assert metric_value(text, "nnserve_grpc_requests_total", **METHOD, grpc_code="RESOURCE_EXHAUSTED") == 1
     finally:
         assert server.stop() == 0
 
@@ -386,7 +387,7 @@ def test_expired_deadline_is_not_run(tiny_repository: Path, tmp_path: Path) -> N
             text = server.metrics_text()
             assert metric_value(text, "nnserve_batch_rejected_total", reason="deadline_exceeded") == 1
             assert metric_value(text, "nnserve_model_inference_rows_total") == 0
-            assert metric_value(text, "nnserve_grpc_requests_total", method=METHOD, code="DEADLINE_EXCEEDED") == 1
+            assert metric_value(text, "nnserve_grpc_requests_total", **METHOD, grpc_code="DEADLINE_EXCEEDED") == 1
             assert len(client.classify(tensor=sample_images(3), timeout=5).classifications) == 3
     finally:
         assert server.stop() == 0

@@ -440,11 +440,14 @@ def test_step_scheduling_is_a_pure_function_of_the_queue() -> None:
 def test_a_stream_cancelled_by_its_client_is_counted_cancelled(generate_server: ServiceProcess) -> None:
     """A stream cancelled while the server waited to send was counted OK (its generator is closed
     with GeneratorExit, not CancelledError)."""
-    method = "nnserve.v1.GenerateService/GenerateStream"
 
     def cancelled() -> float:
         return metric_value(
-            generate_server.metrics_text(), "nnserve_grpc_requests_total", method=method, code="CANCELLED"
+            generate_server.metrics_text(),
+            "nnserve_grpc_requests_total",
+            grpc_service="nnserve.v1.GenerateService",
+            grpc_method="GenerateStream",
+            grpc_code="CANCELLED",
         )
 
     before = cancelled()

@@ -25,7 +25,7 @@ def test_histogram_quantiles_within_one_percent() -> None:
 def test_loadtest_reports_what_the_server_counted(
     classify_server: ServiceProcess, tmp_path: Path, mode: list[str], capsys
 ) -> None:  # type: ignore[no-untyped-def]
-    before = metric_value(classify_server.metrics_text(), "nnserve_grpc_requests_total", code="OK")
+    before = metric_value(classify_server.metrics_text(), "nnserve_grpc_requests_total", grpc_code="OK")
     out = tmp_path / "report.json"
     args = [
         classify_server.address,
@@ -46,7 +46,7 @@ def test_loadtest_reports_what_the_server_counted(
     assert report["images_per_s"] == pytest.approx(2 * report["requests_per_s"], rel=0.01)
     lat = report["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
-    served = metric_value(classify_server.metrics_text(), "nnserve_grpc_requests_total", code="OK") - before
+    served = metric_value(classify_server.metrics_text(), "nnserve_grpc_requests_total", grpc_code="OK") - before
     assert served >= report["ok"]  # warm-up calls are served but not reported
     assert "requests/s" in capsys.readouterr().out
 

@@ -162,6 +162,12 @@ def test_typed_api_and_oip_share_one_batcher_and_statistics_match_metrics(classi
     assert s.inference_stats.success.count >= 64 and s.inference_stats.queue.count >= 64
     assert s.inference_stats.compute_infer.ns > 0 and s.last_inference > 0
     assert (
-        metric_value(text, "nnserve_grpc_requests_total", method="inference.GRPCInferenceService/ModelInfer", code="OK")
+        metric_value(
+            text,
+            "nnserve_grpc_requests_total",
+            grpc_service="inference.GRPCInferenceService",
+            grpc_method="ModelInfer",
+            grpc_code="OK",
+        )
         >= 32
     )

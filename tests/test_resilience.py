@@ -204,6 +204,6 @@ def test_rolling_restart_behind_round_robin_loses_no_request(tiny_repository: Pa
         assert first.proc.wait(timeout=15) == 0
         assert codes == {}, codes
         assert ok > 100
-        assert metric_value(second.metrics_text(), "nnserve_grpc_requests_total", code="OK") > 0
+        assert metric_value(second.metrics_text(), "nnserve_grpc_requests_total", grpc_code="OK") > 0
     finally:
         second.stop()

@@ -18,7 +18,8 @@ from services.loadtest import add_arguments
 from services.loadtest import run as run_load
 from tests.helpers import ServiceProcess, metric_value, start_service
 
-METHOD = "nnserve.v1.ClassifyService/Classify"
+# The labels of the typed Classify call's series.
+METHOD = {"grpc_service": "nnserve.v1.ClassifyService", "grpc_method": "Classify"}
 
 
 def port_info(server: ServiceProcess) -> dict:
@@ -37,7 +38,7 @@ def load(address: str, requests: int) -> dict:
 
 
 def worker_count(text: str) -> float:
-    return metric_value(text, "nnserve_grpc_requests_total", method=METHOD, code="OK")
+    return metric_value(text, "nnserve_grpc_requests_total", **METHOD, grpc_code="OK")
 
 
 @pytest.fixture

@@ -76,6 +76,8 @@ def make_batcher(
     metrics: Metrics,
     provider: str = "CPUExecutionProvider",
     release: Callable[[], None] | None = None,
+    *,
+    version: int,
 ) -> DynamicBatcher:
     """A dynamic batcher over ``predict`` configured from the service's settings.
 
@@ -101,7 +103,7 @@ def make_batcher(
         max_queue_size=settings.max_queue_size,
         max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         enabled=settings.batching,
-        metrics=metrics.for_model(name),
+        metrics=metrics.for_model(name, version),
         inline_max_rows=settings.inline_max_rows if inline else 0,
         release=release,
     )
@@ -150,7 +152,13 @@ class ModelSlot(Generic[V]):
         except (KeyError, ValueError) as exc:
             raise ModelLoadError(f"{resolved.directory / 'manifest.json'}: not usable by this service: {exc}") from None
         batcher = make_batcher(
-            settings, runtime.predict, resolved.name, self.metrics, runtime.provider, runtime.release_memory
+            settings,
+            runtime.predict,
+            resolved.name,
+            self.metrics,
+            runtime.provider,
+            runtime.release_memory,
+            version=resolved.version,
         )
         self.metrics.model_info.labels(
             self.metrics.service, resolved.name, str(resolved.version), runtime.provider, resolved.precision
@@ -215,7 +223,7 @@ class ModelSlot(Generic[V]):
                     )
             except (ModelNotFound, ModelLoadError, ValueError, OSError) as exc:
                 self._rejected.add(fingerprint)
-                self.metrics.reloads.labels(self.metrics.service, self.name, "rejected").inc()
+                self.metrics.reloads.labels(self.metrics.service, self.name, str(target), "rejected").inc()
                 log.error(
                     "reload of %s version %s rejected, still serving version %d: %s",
                     self.name,
@@ -227,7 +235,7 @@ class ModelSlot(Generic[V]):
             for worker in new.workers:
                 worker.start()
             self.current = new  # atomic for every request that starts from now on
-            self.metrics.reloads.labels(self.metrics.service, self.name, "loaded").inc()
+            self.metrics.reloads.labels(self.metrics.service, self.name, str(new.version), "loaded").inc()
             labels = (self.metrics.service, self.name)
             self.metrics.model_info.remove(*labels, str(old.version), old.runtime.provider, old.resolved.precision)
             self.metrics.model_info.labels(*labels, str(new.version), new.runtime.provider, new.resolved.precision).set(

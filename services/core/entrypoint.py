@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from services.core import errors
+from services.core import errors, logs, tracing
 from services.core.credentials import bearer_token, server_credentials
 from services.core.lifecycle import serve
 from services.core.server import Service
@@ -45,8 +45,9 @@ def release_large_buffers() -> None:
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, fmt: str = "text", access_log: bool = False) -> None:
+    """The process's log level, format (text or json) and access log (see services.core.logs)."""
+    logs.configure(level, "json" if fmt == "json" else "text", access_log)
 
 
 def main(
@@ -69,7 +70,7 @@ def main(
         settings = settings_from_args(settings_cls, args)
     except ValidationError as exc:
         parser.error(str(exc))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     release_large_buffers()
     try:
         server_credentials(settings)
@@ -79,6 +80,8 @@ def main(
 
     def run_worker(worker_settings: S, port_file: Path | None) -> int:
         try:
+            if worker_settings.tracing:  # in each worker: the exporter's thread does not survive a fork
+                tracing.configure(settings_cls.service or prog)
             service = build(worker_settings)
         except (errors.ModelNotFound, errors.ModelLoadError, errors.ConfigError) as exc:
             return _cannot_start(prog, exc)
@@ -95,6 +98,8 @@ def main(
             http = getattr(worker_settings, "http_port", None)
             ports = f"metrics_port {worker_settings.metrics_port}, http_port {http}"
             return _cannot_start(prog, errors.ConfigError(f"cannot listen: {exc.strerror} ({ports})"))
+        finally:
+            tracing.shutdown()  # flushes the spans still buffered
 
     if settings.workers > 1:
         # Fork before anything is loaded: no gRPC, onnxruntime or event loop exists yet to copy.

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from services.core import error_details, errors, oip
+from services.core import error_details, errors, logs, oip, tracing
 from services.core.credentials import server_credentials
 from services.core.http_context import MAX_BODY, HttpAbort, error_response, http_status, request_timeout
 from services.core.interceptor import ServerInterceptor, status_for
@@ -76,8 +76,16 @@ def route_label(request: web.Request) -> str:
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``Server: nnserve``, not aiohttp's default naming the Python and aiohttp versions."""
+    """``Server: nnserve``, not aiohttp's default naming the Python and aiohttp versions; and the
+    request's ``X-Request-Id`` (set here, so streamed and error replies carry it too)."""
     response.headers["Server"] = "nnserve"
+    call = request.get(REQUEST_CALL)
+    if call is not None:
+        response.headers["X-Request-Id"] = call.request_id
+
+
+# Where the guard keeps a request's logs.CallRecord.
+REQUEST_CALL = "nnserve.call"
 
 
 def _too_large_message(limit: int, size: int | None) -> str:
@@ -98,6 +106,7 @@ class HttpServer:
         self._duration = metrics.http_request_duration
         self._in_flight = metrics.http_in_flight.labels(metrics.service)
         self._children: dict[tuple[str, str], Any] = {}
+        self.name = metrics.service
         self.app = self.build_app()
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -159,13 +168,28 @@ class HttpServer:
         route = route_label(request)
         status = 499  # what nginx logs for a client that went away; overwritten otherwise
         self._in_flight.inc()
+        call = request[REQUEST_CALL] = logs.CallRecord(logs.request_id(request.headers.get("X-Request-Id")))
+        token = logs.current_call.set(call)
+        span = None
+        if tracing.enabled:
+            headers = ((key.lower(), value) for key, value in request.headers.items())
+            attributes = {"http.request.method": request.method, "http.route": route, "nnserve.service": self.name}
+            span = tracing.server_span(route, headers, {**attributes, tracing.REQUEST_ID: call.request_id})
         try:
             response = await self._handle(request, handler, route)
             status = response.status
             return response
         finally:
+            elapsed = time.perf_counter() - started
             self._in_flight.dec()
             self._count(route, status, started)
+            if span is not None:
+                version = None if call.version is None else str(call.version)
+                facts = {"http.response.status_code": status, tracing.MODEL: call.model, tracing.VERSION: version}
+                tracing.end_server_span(span, status >= 500, facts)
+            if logs.access:
+                logs.log_access(call, str(status), elapsed, route=route)
+            logs.current_call.reset(token)
 
     async def _handle(self, request: web.Request, handler: Any, route: str) -> web.StreamResponse:
         health = route != UNKNOWN_ROUTE and request.path in HEALTH_PATHS

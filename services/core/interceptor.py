@@ -1,4 +1,5 @@
-"""The one interceptor every call passes: authentication, drain, error mapping and metrics.
+"""The one interceptor every call passes: authentication, drain, error mapping, metrics, request ids,
+the access log and (when on) the call's tracing span.
 
 Domain errors (:mod:`services.core.errors`) become gRPC status codes here and nowhere else; an
 unexpected exception becomes INTERNAL with a generic message and a full log line. Unary and
@@ -19,9 +20,9 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health
 
-from services.core import error_details, errors
+from services.core import error_details, errors, logs, tracing
 from services.core.batching import DEADLINE_SLACK_S
-from services.core.metrics import Metrics
+from services.core.metrics import UNKNOWN, UNTIMED_SERVICES, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ MAX_MESSAGE_CHARS = 2000
 # answered (see ServerInterceptor.refuse).
 HOLD_BEFORE_CLOSE_S = 0.2
 # Label value for calls to methods no servicer registered: one series, whatever the path.
-UNKNOWN_METHOD = "unknown"
+UNKNOWN_METHOD = UNKNOWN
+# The rpc.grpc.status_code attribute of a span wants the code's number.
+_CODE_NUMBERS = {code.name: code.value[0] for code in grpc.StatusCode}
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -82,8 +85,9 @@ class ServerInterceptor(aio.ServerInterceptor):
         # Wrapped handlers of registered methods only: a cache keyed by whatever path a client
         # sends would grow without bound.
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self._counters: dict[tuple[str, str], Any] = {}
         self._unknown = grpc.unary_unary_rpc_method_handler(self._unknown_method)
+        # Counted, not timed: their (nil) latency would only dilute the histogram.
+        self._unknown_guard = _Guard(self, f"{UNKNOWN}/{UNKNOWN}", UNKNOWN, timed=False)
 
     async def intercept_service(
         self,
@@ -97,7 +101,7 @@ class ServerInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return self._unknown
-        wrapped = self._wrap(method.lstrip("/"), handler)
+        wrapped = self._wrap(method.lstrip("/"), handler, handler_call_details)
         self._handlers[method] = wrapped
         return wrapped
 
@@ -128,15 +132,10 @@ class ServerInterceptor(aio.ServerInterceptor):
         message = "method not found on this server"
         if self._expected is not None and not self._authorized(context):
             code, message = grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
-        self._count(UNKNOWN_METHOD, code.name, 0.0)
+        call = _Call(self._unknown_guard, context)
+        await call.__aenter__()
+        call.finish(code.name)
         await context.abort(code, message)
-
-    def _count(self, method: str, code: str, started: float) -> None:
-        counter = self._counters.get((method, code))
-        if counter is None:
-            counter = self._metrics.requests.labels(self._metrics.service, method, code)
-            self._counters[(method, code)] = counter
-        counter.inc()
 
     def _authorized(self, context: aio.ServicerContext) -> bool:
         """Constant-time comparison of the call's bearer token with the configured one."""
@@ -155,8 +154,18 @@ class ServerInterceptor(aio.ServerInterceptor):
         given = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
         return hmac.compare_digest(given, self._expected)
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        guard = _Guard(self, method)
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            kind = "unary"
+        elif handler.unary_stream is not None:
+            kind = "server_stream"
+        elif handler.stream_unary is not None:
+            kind = "client_stream"
+        else:
+            kind = "bidi_stream"
+        guard = _Guard(self, method, kind)
         # Unary requests are parsed here rather than by gRPC, so that bytes that are not the
         # request message get INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing".
         deserialize = handler.request_deserializer
@@ -202,32 +211,100 @@ class ServerInterceptor(aio.ServerInterceptor):
 
 
 class _Guard:
-    """What one registered method's calls share: its metric children and whether it needs a token."""
+    """What one method's calls share: its labels and metric children, whether it needs a token, and
+    (when tracing is on) its span's name and attributes."""
 
-    def __init__(self, interceptor: ServerInterceptor, method: str) -> None:
+    def __init__(self, interceptor: ServerInterceptor, method: str, kind: str, timed: bool | None = None) -> None:
         metrics = interceptor._metrics
         self.interceptor = interceptor
         self.method = method
+        self.grpc_service, _, self.grpc_method = method.rpartition("/")
         self.needs_auth = interceptor._expected is not None and not method.startswith(interceptor._exempt)
         self.refuse_when_draining = not method.startswith(health.SERVICE_NAME + "/")
-        self.duration = metrics.request_duration.labels(metrics.service, method)
+        # Health and reflection calls are counted, but kept out of the latency histogram and the
+        # in-flight gauge (see metrics.UNTIMED_SERVICES).
+        self.timed = self.grpc_service not in UNTIMED_SERVICES if timed is None else timed
+        self.labels = (metrics.service, kind, self.grpc_service, self.grpc_method)
+        self.requests = metrics.requests
+        self.counters: dict[str, Any] = {}
+        self.duration: Any = metrics.request_duration.labels(*self.labels) if self.timed else None
         self.in_flight = metrics.in_flight.labels(metrics.service)
+        self.span_attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": self.grpc_service,
+            "rpc.method": self.grpc_method,
+            "nnserve.service": metrics.service,
+        }
+
+    def count(self, code: str) -> None:
+        counter = self.counters.get(code)
+        if counter is None:
+            counter = self.counters[code] = self.requests.labels(*self.labels, code)
+        counter.inc()
 
 
 class _Call:
-    """One call: admitted (drain, auth) first, its errors mapped and its outcome counted at the end."""
+    """One call: admitted (drain, auth) first, its errors mapped and its outcome counted at the end.
 
-    __slots__ = ("guard", "context", "started")
+    It is also the call's record for logs (``logs.current_call``): its request id, and the model and
+    version the data plane resolved (``logs.note_model``).
+    """
+
+    __slots__ = ("guard", "context", "started", "request_id", "model", "version", "span", "token")
 
     def __init__(self, guard: _Guard, context: aio.ServicerContext) -> None:
         self.guard = guard
         self.context = context
         self.started = 0.0
+        self.model: str | None = None
+        self.version: int | str | None = None
+        self.span: Any = None
 
     async def __aenter__(self) -> _Call:
         self.started = time.perf_counter()
-        self.guard.in_flight.inc()
+        guard, context = self.guard, self.context
+        if guard.timed:
+            guard.in_flight.inc()
+        given = None
+        metadata = context.invocation_metadata() or ()
+        for key, value in metadata:
+            if key == logs.REQUEST_ID_KEY:
+                given = value
+                break
+        self.request_id = logs.request_id(given)
+        # Set first, so every answer carries it: gRPC keeps it through abort (and error_details adds to it).
+        context.set_trailing_metadata(((logs.REQUEST_ID_KEY, self.request_id),))
+        self.token = logs.current_call.set(self)
+        if tracing.enabled:
+            self.span = tracing.server_span(
+                guard.method, metadata, {**guard.span_attributes, tracing.REQUEST_ID: self.request_id}
+            )
         return self
+
+    def finish(self, code: str) -> None:
+        """Count the call (and time it, unless health or reflection), end its span, log its access line."""
+        guard = self.guard
+        elapsed = time.perf_counter() - self.started
+        if guard.timed:
+            guard.in_flight.dec()
+            guard.duration.observe(elapsed)
+        guard.count(code)
+        if self.span is not None:
+            tracing.end_server_span(
+                self.span,
+                code in tracing.SERVER_ERRORS,
+                {
+                    "rpc.grpc.status_code": _CODE_NUMBERS.get(code, 2),
+                    tracing.MODEL: self.model,
+                    tracing.VERSION: None if self.version is None else str(self.version),
+                },
+            )
+        if logs.access:
+            logs.log_access(self, code, elapsed, grpc_service=guard.grpc_service, grpc_method=guard.grpc_method)
+        try:
+            logs.current_call.reset(self.token)
+        except ValueError:  # a stream closed from another context: that context ends with it
+            pass
 
     async def admit(self) -> None:
         """Refuse the call while draining (UNAVAILABLE) or without a valid token (UNAUTHENTICATED)."""
@@ -271,6 +348,4 @@ class _Call:
             await context.abort(status_code, message, trailer)  # raises AbortError in place of exc
             return False
         finally:
-            guard.in_flight.dec()
-            guard.duration.observe(time.perf_counter() - self.started)
-            guard.interceptor._count(guard.method, code, self.started)
+            self.finish(code)

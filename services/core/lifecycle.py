@@ -78,13 +78,14 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
 
 
 def call_counts(metrics: Metrics) -> dict[str, dict[str, int]]:
-    """Calls handled so far, {method: {code: count}}, read back from the request counter."""
+    """Calls handled so far, {service/method: {code: count}}, read back from the request counter."""
     counts: dict[str, dict[str, int]] = {}
     for family in metrics.requests.collect():
         for sample in family.samples:
             if sample.name.endswith("_total"):
-                by_code = counts.setdefault(sample.labels["method"], {})
-                by_code[sample.labels["code"]] = int(sample.value)
+                labels = sample.labels
+                by_code = counts.setdefault(f"{labels['grpc_service']}/{labels['grpc_method']}", {})
+                by_code[labels["grpc_code"]] = int(sample.value)
     return counts
 
 

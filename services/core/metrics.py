@@ -1,7 +1,13 @@
 """Every Prometheus metric nnserve exports, built against an injected registry.
 
-Names follow ``nnserve_<subsystem>_<name>_<unit>``; labels are bounded (service, method, code,
-model). Duration buckets span a 1 ms classify call and a 10 s diffusion request.
+Names follow ``nnserve_<subsystem>_<name>_<unit>``; labels are bounded. gRPC series are labelled as
+the common gRPC instrumentations label theirs (go-grpc-prometheus, grpc-ecosystem's
+py-grpc-prometheus): ``grpc_type``, ``grpc_service``, ``grpc_method``, ``grpc_code``; per-model
+series carry ``model`` and ``version``, so the two versions of a model stay apart during a reload.
+Duration buckets span a 1 ms classify call and a 10 s diffusion request.
+
+No ``*_created`` series: prometheus_client would add one per counter and histogram child, doubling
+the series count for a timestamp no dashboard reads (and one that cannot be merged across workers).
 """
 
 from __future__ import annotations
@@ -13,10 +19,22 @@ from threading import Thread
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
+
+# A process-wide switch in prometheus_client; every registry of the process is built after this import.
+disable_created_metrics()
+
+# Label values of calls to methods no servicer registered: one series, whatever the path.
+UNKNOWN = "unknown"
+# gRPC services whose calls are counted but kept out of the latency histogram and the in-flight
+# gauge: health checks are not the service's work, and Watch and reflection streams last as long as
+# their client's connection, so their "latency" would swamp every percentile.
+UNTIMED_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
 
 DURATION_BUCKETS = (
     0.0005,
@@ -47,20 +65,21 @@ class Metrics:
         self.service = service
         self.requests = Counter(
             "nnserve_grpc_requests_total",
-            "gRPC calls handled, by final status code.",
-            ["service", "method", "code"],
+            "gRPC calls handled, by final status code (health and reflection included; methods no servicer "
+            "registered as grpc_service and grpc_method 'unknown').",
+            ["service", "grpc_type", "grpc_service", "grpc_method", "grpc_code"],
             registry=registry,
         )
         self.request_duration = Histogram(
             "nnserve_grpc_request_duration_seconds",
-            "Time from receiving a gRPC call to its reply.",
-            ["service", "method"],
+            "Time from receiving a gRPC call to its reply (health and reflection calls are not observed).",
+            ["service", "grpc_type", "grpc_service", "grpc_method"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.in_flight = Gauge(
             "nnserve_grpc_requests_in_flight",
-            "gRPC calls being handled now.",
+            "gRPC calls being handled now (health and reflection calls are not counted).",
             ["service"],
             registry=registry,
         )
@@ -86,64 +105,64 @@ class Metrics:
         self.queue_wait = Histogram(
             "nnserve_batch_queue_wait_seconds",
             "Time a request waited in the batcher's queue.",
-            ["service", "model"],
+            ["service", "model", "version"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.inference_duration = Histogram(
             "nnserve_model_inference_duration_seconds",
             "Duration of one model call (one batch).",
-            ["service", "model"],
+            ["service", "model", "version"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
             "nnserve_batch_size_rows",
             "Rows (images or samples) per model call.",
-            ["service", "model"],
+            ["service", "model", "version"],
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.queue_depth = Gauge(
             "nnserve_batch_queue_depth_requests",
             "Requests waiting in the batcher's queue.",
-            ["service", "model"],
+            ["service", "model", "version"],
             registry=registry,
         )
         self.rows = Counter(
             "nnserve_model_inference_rows_total",
             "Rows (images or samples) run through the model.",
-            ["service", "model"],
+            ["service", "model", "version"],
             registry=registry,
         )
         self.batches = Counter(
             "nnserve_model_executions_total",
             "Model calls (batches) executed.",
-            ["service", "model"],
+            ["service", "model", "version"],
             registry=registry,
         )
         self.failures = Counter(
             "nnserve_model_failures_total",
             "Model calls that raised.",
-            ["service", "model"],
+            ["service", "model", "version"],
             registry=registry,
         )
         self.rejected = Counter(
             "nnserve_batch_rejected_total",
             "Requests refused or dropped by the batcher, by reason.",
-            ["service", "model", "reason"],
+            ["service", "model", "version", "reason"],
             registry=registry,
         )
         self.isolations = Counter(
             "nnserve_batch_isolations_total",
             "Merged model calls that failed and were re-run request by request, so that only the culprit fails.",
-            ["service", "model"],
+            ["service", "model", "version"],
             registry=registry,
         )
         self.reloads = Counter(
             "nnserve_model_reloads_total",
-            "Model version reloads, by result (loaded or rejected).",
-            ["service", "model", "result"],
+            "Model version reloads, by result (loaded or rejected) and the version tried.",
+            ["service", "model", "version", "result"],
             registry=registry,
         )
         self.model_info = Gauge(
@@ -153,9 +172,9 @@ class Metrics:
             registry=registry,
         )
 
-    def for_model(self, model: str) -> ModelMetrics:
-        """Children bound to this service and ``model``, for the batcher's hot path."""
-        labels = {"service": self.service, "model": model}
+    def for_model(self, model: str, version: int | str) -> ModelMetrics:
+        """Children bound to this service, ``model`` and ``version``, for the batcher's hot path."""
+        labels = {"service": self.service, "model": model, "version": str(version)}
         return ModelMetrics(
             queue_wait=self.queue_wait.labels(**labels),
             inference_duration=self.inference_duration.labels(**labels),
@@ -168,6 +187,8 @@ class Metrics:
             queue_full=self.rejected.labels(reason="queue_full", **labels),
             deadline=self.rejected.labels(reason="deadline_exceeded", **labels),
             cancelled=self.rejected.labels(reason="cancelled", **labels),
+            model=model,
+            version=str(version),
         )
 
 
@@ -186,6 +207,8 @@ class ModelMetrics:
     queue_full: Any
     deadline: Any
     cancelled: Any
+    model: str = ""
+    version: str = ""
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, Thread]:

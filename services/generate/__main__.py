@@ -49,7 +49,7 @@ def build(settings: GenerateSettings, registry: CollectorRegistry | None = None)
                 max_waiting=settings.max_waiting_jobs,
                 max_queue_wait_s=settings.max_job_wait_ms / 1000.0,
                 enabled=settings.step_batching,
-                metrics=metrics.for_model(manifest.name),
+                metrics=metrics.for_model(manifest.name, manifest.version),
                 release=runtime.release_memory,
             )
             return DiffusionView(DiffusionSchedule.from_manifest(manifest), stepper)

@@ -211,8 +211,10 @@ def test_prometheus_scrapes_every_service_with_nonzero_counters(stack: dict[str,
         r.restore(tensor=blank, timeout=30)
     with GenerateClient(stack["generate"]) as g:
         g.generate(model="gan", count=1, timeout=30)
-    typed = "|".join(TYPED_METHOD.values())
-    expr = f'sum by (job) (nnserve_grpc_requests_total{{code="OK", method=~"{typed}"}})'
+    services = "|".join(m.split("/")[0] for m in TYPED_METHOD.values())
+    methods = "|".join(m.split("/")[1] for m in TYPED_METHOD.values())
+    selector = f'grpc_code="OK", grpc_service=~"{services}", grpc_method=~"{methods}"'
+    expr = f"sum by (job) (nnserve_grpc_requests_total{{{selector}}})"
 
     def counted() -> dict[str, float] | None:
         counts = query(expr)
@@ -230,7 +232,8 @@ def test_scaled_classify_replicas_share_round_robin_calls(stack: dict[str, str])
     compose("up", "-d", "--no-recreate", "--scale", "classify=2", "classify")
     wait_until("two healthy classify replicas", lambda: container_health("classify") == ["healthy", "healthy"], 180)
     wait_until("Prometheus to scrape both replicas", lambda: up_targets().get("nnserve-classify") == 2, 90)
-    selector = f'job="nnserve-classify", code="OK", method="{TYPED_METHOD["classify"]}"'
+    service, method = TYPED_METHOD["classify"].split("/")
+    selector = f'job="nnserve-classify", grpc_code="OK", grpc_service="{service}", grpc_method="{method}"'
     expr = f"sum by (instance) (nnserve_grpc_requests_total{{{selector}}})"
     before = query(expr)
     calls = 400

@@ -44,7 +44,7 @@ NETWORK = f"{STACK}_grpc"
 CLASSIFY = f"{STACK}_classify"
 TARGET = "dns:///tasks.classify:50051"
 SERVICES = {"classify": 2, "restore": 1, "generate": 1}
-SELECTOR = 'job="nnserve-classify", code="OK", method="nnserve.v1.ClassifyService/Classify"'
+SELECTOR = 'job="nnserve-classify", grpc_code="OK", grpc_service="nnserve.v1.ClassifyService", grpc_method="Classify"'
 PER_INSTANCE = f"sum by (instance) (nnserve_grpc_requests_total{{{SELECTOR}}})"
 volumes_key = pytest.StashKey[set[str]]()  # the volumes that existed before the stack
 
