@@ -89,7 +89,8 @@ def test_restore_cli_writes_files(restore_server: ServiceProcess, tmp_path: Path
     assert cli(["restore", str(source), "--address", restore_server.address, "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "shirt.restored.png").read_bytes()[:4] == b"\x89PNG"
     text = restore_server.metrics_text()
-    assert metric_value(text, "nnserve_grpc_requests_total", grpc_service="nnserve.v1.RestoreService", grpc_method="Restore", grpc_code="OK") >= 1
+    restore = {"grpc_service": "nnserve.v1.RestoreService", "grpc_method": "Restore"}
+    assert metric_value(text, "nnserve_grpc_requests_total", **restore, grpc_code="OK") >= 1
 
 
 def test_oip_model_infer_on_the_restorer(restore_server: ServiceProcess) -> None:
