@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,4 +23,4 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
 
 def test_every_proto_declares_a_versioned_package() -> None:
     for proto in (ROOT / "protos" / "nnserve").rglob("*.proto"):
-        assert "package nnserve.v1;" in proto.read_text(), proto
+        assert re.search(r"^package nnserve(\.[a-z_]+)*\.v[0-9]+;$", proto.read_text(), re.M), proto
