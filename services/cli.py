@@ -344,6 +344,32 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(args: argparse.Namespace) -> int:
+    """The model cards of the models a service serves (nnserve.model.v1.ModelInfo, on every service)."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from services.client import ModelInfoClient
+    from services.client.modelinfo import format_card
+    from services.core.modelinfo import SERVICE_NAME
+
+    with _channel(args) as channel:
+        client = ModelInfoClient(args.address, channel=channel)
+        try:
+            if args.model:
+                cards = [client.describe(args.model, args.version, timeout=args.timeout)]
+            else:
+                cards = client.list(timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return _call_failed(args, channel, exc, SERVICE_NAME)
+    if args.json:
+        documents = [MessageToDict(card, preserving_proto_field_name=True) for card in cards]
+        print(json.dumps(documents[0] if args.model else {"models": documents}, indent=2))
+        return 0
+    print("\n\n".join(format_card(card) for card in cards))
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -568,6 +594,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model repository ($NNSERVE_MODEL_REPOSITORY when set)",
     )
 
+    describe = sub.add_parser(
+        "describe",
+        help="show the model cards of a service's models (task, labels, metrics, provenance, checksum)",
+        formatter_class=_HelpFormatter,
+        epilog=EXIT_STATUS,
+    )
+    _client_arguments(describe, "127.0.0.1:50051", 10.0)
+    describe.add_argument("--model", default="", metavar="NAME", help="one model (default: every model served there)")
+    describe.add_argument("--version", default="", help="with --model: the version expected (default: the served one)")
+    describe.add_argument(
+        "--json", action="store_true", help="print the cards as JSON with the proto's field names (default: text)"
+    )
+
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING", formatter_class=_HelpFormatter)
     health.add_argument(
         "address",
@@ -612,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "restore": _restore,
         "generate": _generate,
         "health": _health,
+        "describe": _describe,
         "up": _up,
         "promote": _promote,
     }

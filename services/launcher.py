@@ -15,6 +15,8 @@ SERVE_MODULES = {
     "grpc": "grpcio",
     "grpc_health": "grpcio-health-checking",
     "grpc_reflection": "grpcio-reflection",
+    "grpc_status": "grpcio-status",
+    "google.rpc": "googleapis-common-protos",
     "google.protobuf": "protobuf",
     "onnxruntime": "onnxruntime",
     "prometheus_client": "prometheus-client",

@@ -10,6 +10,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.client.errors import RpcError, with_rich_errors
+from services.client.modelinfo import ModelInfoClient
 from services.core.convert import tensor_message
 from services.proto.nnserve.v1 import (
     classify_pb2,
@@ -23,7 +25,9 @@ from services.proto.nnserve.v1 import (
 __all__ = [
     "ClassifyClient",
     "GenerateClient",
+    "ModelInfoClient",
     "RestoreClient",
+    "RpcError",
     "channel_options",
     "check_health",
     "secure_channel",
@@ -94,7 +98,10 @@ class _Client:
     """A blocking client over one channel (its own, or one passed in); usable as a context manager."""
 
     def __init__(self, target: str, channel: grpc.Channel | None = None, round_robin: bool = False) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=channel_options(round_robin=round_robin))
+        # Failed calls raise services.client.errors.RpcError: a grpc.RpcError with the google.rpc details.
+        self.channel = with_rich_errors(
+            channel or grpc.insecure_channel(target, options=channel_options(round_robin=round_robin))
+        )
 
     def close(self) -> None:
         self.channel.close()

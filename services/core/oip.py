@@ -19,6 +19,7 @@ from services.core.convert import deadline_of
 from services.core.dataplane import DataPlane
 from services.core.errors import InvalidInput, shorten
 from services.core.manifest import NUMPY_DTYPES, Manifest, TensorSpec
+from services.core.modelinfo import card_parameters
 from services.proto.inference import grpc_service_pb2 as pb
 from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from services.proto.inference import model_config_pb2 as config_pb
@@ -205,6 +206,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         if batcher.max_batch_size > 1:
             config.dynamic_batching.max_queue_delay_microseconds = int(batcher.max_delay_s * 1e6)
+        # ModelMetadataResponse has no parameters; Triton's config does (tritonclient's get_model_config).
+        for key, value in card_parameters(deployment).items():
+            config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from services.core import oip
 from services.core.errors import InvalidInput, shorten
 from services.core.http_context import HttpContext, convert, read_body
+from services.core.modelinfo import card_parameters
 from services.proto.inference import grpc_service_pb2 as pb
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -326,11 +327,15 @@ class OipRoutes:
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        """``GET /v2/models/{model}[/versions/{version}]``: inputs, outputs, versions, platform."""
+        """``GET /v2/models/{model}[/versions/{version}]``: inputs, outputs, versions, platform, and the
+        model card's facts as ``parameters`` (the REST protocol's optional object, as MLServer answers;
+        gRPC's ModelMetadataResponse has no such field: there they are in ModelConfig.parameters)."""
         name, version = self._names(request)
         message = pb.ModelMetadataRequest(name=name, version=version)
         reply = await self.servicer.ModelMetadata(message, self._context(request))  # type: ignore[arg-type]
-        return web.json_response(proto_json(reply))
+        document = proto_json(reply)
+        document["parameters"] = card_parameters(self.servicer.plane.deployment(name, version))
+        return web.json_response(document)
 
     async def model_config(self, request: web.Request) -> web.Response:
         """``GET .../config`` (Triton's extension): the model configuration itself, as Triton answers."""

@@ -18,6 +18,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.core import modelinfo
 from services.core.credentials import bearer_token, server_credentials
 from services.core.deployment import ModelSlot
 from services.core.interceptor import HOLD_BEFORE_CLOSE_S, ServerInterceptor
@@ -61,6 +62,12 @@ class GrpcServer:
         ]
         exempt = (health.SERVICE_NAME + "/",) if settings.auth_exempt_health else ()
         self.interceptor = ServerInterceptor(service.metrics, bearer_token(settings), exempt)
+        if modelinfo.SERVICE_NAME not in service.service_names:
+            # Every server describes its models the same way (the HTTP server, built from the same
+            # Service afterwards, gets its routes too).
+            service.add_servicer(
+                modelinfo.add_to_server, modelinfo.ModelInfoServicer(service.slots), modelinfo.SERVICE_NAME
+            )
         self.server = aio.server(interceptors=[self.interceptor], options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

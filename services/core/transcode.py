@@ -62,6 +62,10 @@ RULES = [
     ),
     # GET too: a browser's EventSource can only GET (fields then come as query parameters).
     Rule("nnserve.v1.GenerateService.GenerateStream", "/v1/generate/stream", methods=("GET", "POST")),
+    # Every service: the model card's facts (path parameters fill the request fields they name).
+    Rule("nnserve.model.v1.ModelInfo.ListModels", "/v1/models", methods=("GET",)),
+    Rule("nnserve.model.v1.ModelInfo.DescribeModel", "/v1/models/{name}", methods=("GET",)),
+    Rule("nnserve.model.v1.ModelInfo.DescribeModel", "/v1/models/{name}/versions/{version}", methods=("GET",)),
 ]
 
 JSON_TYPES = ("application/json",)
@@ -133,6 +137,8 @@ async def request_message(rule: Rule, cls: type[Message], request: web.Request) 
         raise web.HTTPUnsupportedMediaType(text=f"Content-Type: {shorten(media)} with an empty body")
     message = await convert(len(body), parse_body, rule, cls, body, media, request.headers.get("Content-Type", ""))
     _parse_into(message, _query_fields(request), "query parameter")
+    if request.match_info:  # {name} in a rule's path: the field of that name
+        _parse_into(message, dict(request.match_info), "path")
     return message
 
 
