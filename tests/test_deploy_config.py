@@ -113,10 +113,10 @@ def test_generation_panels_compute_what_their_titles_say(tmp_path) -> None:  # t
     speed = panels["Generation: GAN images/s and denoiser steps/s"]["targets"]
     labels = 'service="generate",model="diffusion_denoiser"'
     series = [
-        {"series": f'nnserve_model_executions_total{{{labels},instance="a:9103"}}', "values": "0+60x10"},
-        {"series": f'nnserve_model_inference_rows_total{{{labels},instance="a:9103"}}', "values": "0+120x10"},
-        {"series": f'nnserve_model_executions_total{{{labels},instance="b:9103"}}', "values": "0+240x10"},
-        {"series": f'nnserve_model_inference_rows_total{{{labels},instance="b:9103"}}', "values": "0+1920x10"},
+        {"series": f'nnserve_model_executions_total{{{labels},instance="a:9103",version="1"}}', "values": "0+60x10"},
+        {"series": f'nnserve_model_inference_rows_total{{{labels},instance="a:9103",version="1"}}', "values": "0+120x10"},
+        {"series": f'nnserve_model_executions_total{{{labels},instance="b:9103",version="2"}}', "values": "0+240x10"},
+        {"series": f'nnserve_model_inference_rows_total{{{labels},instance="b:9103",version="2"}}', "values": "0+1920x10"},
         {
             "series": f'nnserve_model_info{{{labels},instance="a:9103",version="1",provider="CPU",precision="fp32"}}',
             "values": "1x10",
@@ -126,7 +126,8 @@ def test_generation_panels_compute_what_their_titles_say(tmp_path) -> None:  # t
             "values": "1x10",
         },
         {
-            "series": 'nnserve_model_inference_rows_total{service="generate",model="gan_generator",instance="a:9103"}',
+            "series": 'nnserve_model_inference_rows_total{service="generate",model="gan_generator",instance="a:9103",'
+            'version="1"}',
             "values": "0+300x10",
         },
         {
