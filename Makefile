@@ -18,7 +18,7 @@ $(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
 
 # Everything: serving, training (torch) and the test tools.
 $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[serve,train,dev]'
+	$(BIN)/pip install -q -e '.[serve,train,dev,tracing]'
 	touch $@ $(VENV)/.installed-serve
 
 up: $(VENV)/.installed-serve
