@@ -40,7 +40,10 @@ TEXT_CHARS = 256
 def _cut(text: str, limit: int) -> str:
     # Echoed request text may hold lone surrogates, which protobuf strings (UTF-8) refuse.
     text = text.encode("utf-8", "replace").decode("utf-8")
-    return text if len(text) <= limit else text[: limit - 16] + f"...({len(text)} chars)"
+    if len(text) <= limit:
+        return text
+    suffix = f"...({len(text)} chars)"
+    return text[: limit - len(suffix)] + suffix
 
 
 # ErrorInfo.reason per domain error (UPPER_SNAKE_CASE, as google.rpc asks); the most specific class wins.
