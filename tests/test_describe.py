@@ -157,9 +157,11 @@ def test_http_routes_answer_the_same_card(server: ServiceProcess) -> None:
 def test_open_inference_protocol_carries_the_facts(server: ServiceProcess, card_repository: Path) -> None:
     sha256 = file_sha256(card_repository / "classifier" / "1" / "model.onnx")
     with grpc.insecure_channel(server.address) as channel:
-        config = oip_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
-            oip_pb.ModelConfigRequest(name="classifier"), timeout=10
-        ).config
+        config = (
+            oip_grpc.GRPCInferenceServiceStub(channel)
+            .ModelConfig(oip_pb.ModelConfigRequest(name="classifier"), timeout=10)
+            .config
+        )
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters["task"] == "image-classification" and parameters["sha256"] == sha256
     assert parameters["version"] == "1" and parameters["precision"] == "fp32"
