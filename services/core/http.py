@@ -84,8 +84,10 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
         response.headers["X-Request-Id"] = call.request_id
 
 
-# Where the guard keeps a request's logs.CallRecord.
-REQUEST_CALL = "nnserve.call"
+# Where the guard keeps a request's logs.CallRecord (a typed key where aiohttp has them, 3.13+).
+REQUEST_CALL: Any = (
+    web.RequestKey("nnserve_call", logs.CallRecord) if hasattr(web, "RequestKey") else "nnserve_call"
+)
 
 
 def _too_large_message(limit: int, size: int | None) -> str:
