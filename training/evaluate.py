@@ -119,8 +119,13 @@ def classifier_with_features(model_dir: Path) -> ort.InferenceSession:
 
 
 def logits_and_features(session: ort.InferenceSession, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [N,1,28,28] in [0,1] -> (logits, penultimate features)."""
-    logits, features = run_onnx(session, {"image": images.astype(np.float32)})
+    """float32 [N,1,28,28] in [0,1] -> (logits, penultimate features).
+
+    The features are the last output (:func:`classifier_with_features` appends them), after any
+    the graph has of its own (classifier v2's ``ood_score``).
+    """
+    outputs = run_onnx(session, {"image": images.astype(np.float32)})
+    logits, features = outputs[0], outputs[-1]
     return logits, features.reshape(len(features), -1)
 
 
@@ -148,6 +153,137 @@ def class_consistency(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
             if (labels == c).any()
         },
     }
+
+
+def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances [len(a), len(b)] between two feature sets, in float64."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.clip(sq, 0.0, None))
+
+
+def knn_radii(features: np.ndarray, k: int = 5, chunk: int = 2000) -> np.ndarray:
+    """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    if len(features) <= k:
+        raise ValueError(f"k-NN radii need more than k={k} points, got {len(features)}")
+    out = np.empty(len(features))
+    for s in range(0, len(features), chunk):
+        d = pairwise_distances(features[s : s + chunk], features)
+        # Column 0 of the sorted row is the point itself (distance 0), so the k-th neighbour is at index k.
+        out[s : s + chunk] = np.partition(d, k, axis=1)[:, k]
+    return out
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, chunk: int = 2000) -> dict[str, float]:
+    """Precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020).
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest
+    neighbour. Precision: share of fake points inside the real manifold. Recall: share of real
+    points inside the fake manifold. Density: how many real balls hold a fake point, on average,
+    divided by k (1 for matching distributions, above 1 where fakes crowd dense regions).
+    Coverage: share of real points whose ball holds at least one fake point. Both sets should
+    have the same size, since the radii shrink as a set grows.
+    """
+    real_r, fake_r = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    in_real_balls = np.zeros(len(fake))  # per fake point: how many real balls contain it
+    real_covered = np.zeros(len(real), dtype=bool)
+    real_recalled = np.zeros(len(real), dtype=bool)
+    for s in range(0, len(real), chunk):
+        d = pairwise_distances(real[s : s + chunk], fake)  # [real chunk, fake]
+        inside = d < real_r[s : s + chunk, None]
+        in_real_balls += inside.sum(0)
+        real_covered[s : s + chunk] = d.min(1) < real_r[s : s + chunk]
+        real_recalled[s : s + chunk] = (d < fake_r[None, :]).any(1)
+    return {
+        "precision": float((in_real_balls > 0).mean()),
+        "recall": float(real_recalled.mean()),
+        "density": float(in_real_balls.mean() / k),
+        "coverage": float(real_covered.mean()),
+    }
+
+
+def mean_pairwise_distance(features: np.ndarray, chunk: int = 2000) -> float:
+    """Mean Euclidean distance over all pairs of distinct points: the spread of a set."""
+    n = len(features)
+    if n < 2:
+        raise ValueError("the spread of a set needs at least two points")
+    total = 0.0
+    for s in range(0, n, chunk):
+        total += pairwise_distances(features[s : s + chunk], features).sum()
+    return float(total / (n * (n - 1)))
+
+
+def diversity_metrics(
+    features: np.ndarray, labels: np.ndarray, ref_features: np.ndarray, ref_labels: np.ndarray, k: int = 5
+) -> dict[str, Any]:
+    """Precision, recall, density, coverage (k-NN) and within-class diversity of one set against a reference.
+
+    ``overall``: the four over all classes pooled; ``per_class``: the four within each class, plus
+    ``diversity``, the mean pairwise feature distance within the class. ``within_class_diversity``
+    is the mean of the per-class diversities; compare it with the same figure of held-out real
+    images, since the scale is the feature space's.
+    """
+    overall = prdc(ref_features, features, k)
+    per_class: dict[str, dict[str, float]] = {}
+    for c in range(len(LABELS)):
+        f, r = features[labels == c], ref_features[ref_labels == c]
+        if len(f) <= k or len(r) <= k:
+            continue
+        row = prdc(r, f, k)
+        row["diversity"] = mean_pairwise_distance(f)
+        per_class[LABELS[c]] = {key: round(v, 4) for key, v in row.items()}
+    diversity = float(np.mean([row["diversity"] for row in per_class.values()]))
+    return {
+        **{key: round(v, 4) for key, v in overall.items()},
+        "within_class_diversity": round(diversity, 4),
+        "per_class": per_class,
+        "k": k,
+        "samples": int(len(features)),
+        "reference_samples": int(len(ref_features)),
+    }
+
+
+def reference_halves(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices splitting a labelled set into two halves with the same count per class (seeded).
+
+    The first half is the reference set of :func:`diversity_metrics`; the second, scored against
+    it, is the real-data row every model is compared with.
+    """
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        first.append(idx[: len(idx) // 2])
+        second.append(idx[len(idx) // 2 : 2 * (len(idx) // 2)])
+    return np.concatenate(first), np.concatenate(second)
+
+
+def per_class_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first ``per_class`` items of every class, in order."""
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+
+
+def diversity_table(
+    session: ort.InferenceSession, test: Split, rows: dict[str, tuple[np.ndarray, np.ndarray]], k: int = 5
+) -> dict[str, dict[str, Any]]:
+    """:func:`diversity_metrics` for held-out real images and for each named set of samples.
+
+    The test set is split into two class-balanced halves (:func:`reference_halves`): the first is
+    the reference, the second the ``real`` row. Each entry of ``rows`` is (images [N,1,28,28] in
+    [0,1], labels); it is cut to the real row's count per class, so every row has the same size
+    (precision and recall depend on it).
+    """
+    ref_idx, real_idx = reference_halves(test.labels)
+    _, ref_f = logits_and_features(session, to_input(test.images[ref_idx]))
+    _, real_f = logits_and_features(session, to_input(test.images[real_idx]))
+    ref_y, real_y = test.labels[ref_idx], test.labels[real_idx]
+    table = {"real": diversity_metrics(real_f, real_y, ref_f, ref_y, k)}
+    per_class = int(np.bincount(real_y).min())
+    for name, (images, labels) in rows.items():
+        keep = per_class_subset(labels, per_class)
+        _, f = logits_and_features(session, images[keep])
+        table[name] = diversity_metrics(f, labels[keep], ref_f, ref_y, k)
+    return table
 
 
 def domain_fid_floors(session: ort.InferenceSession, train: Split, test: Split, seed: int = 0) -> dict[str, float]:
@@ -369,9 +505,89 @@ def speed_comparison(
     return report
 
 
+def generator_rows(
+    gans: Sequence[Path],
+    diffusion: Path | None,
+    classifier: Path,
+    per_class: int = 500,
+    splits: tuple[Split, Split] | None = None,
+    diffusion_sampler: tuple[str, int, float] = ("dpmpp2m", 10, 2.5),
+) -> dict[str, dict[str, Any]]:
+    """Diversity (:func:`diversity_table`), class consistency and domain FID of held-out real images,
+    each GAN version and the diffusion model, all in ``classifier``'s feature space, through onnxruntime.
+
+    Every generator draws ``per_class`` samples per class with its model card's seed (the GAN with
+    ``training.train_gan.sample_inputs``; the denoiser through the shipped sampler code).
+    """
+    from services.core.manifest import Manifest
+    from training.train_gan import sample_inputs
+
+    train, test = splits or (load_split("train"), load_split("test"))
+    session = classifier_with_features(classifier)
+    sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for model_dir in gans:
+        manifest = Manifest.read(model_dir / "manifest.json")
+        seed = manifest.training.seed if manifest.training else 0
+        z, labels = sample_inputs(10 * per_class, int(manifest.extra["latent_dim"]), seed)
+        sets[f"{model_dir.parent.name}/{model_dir.name}"] = (
+            run_onnx(onnx_session(model_dir / MODEL_FILE), {"z": z, "label": labels})[0],
+            labels,
+        )
+    if diffusion is not None:
+        manifest = Manifest.read(diffusion / "manifest.json")
+        method, steps, guidance = diffusion_sampler
+        labels = np.repeat(np.arange(10), per_class).astype(np.int64)
+        seed = manifest.training.seed if manifest.training else 0
+        images = diffusion_samples(diffusion, labels, method, steps, guidance, seed)
+        sets[f"{diffusion.parent.name}/{diffusion.name} ({method}-{steps}, guidance {guidance:g})"] = (images, labels)
+    table = diversity_table(session, test, sets)
+    _, test_f = logits_and_features(session, to_input(test.images))
+    ref_idx, real_idx = reference_halves(test.labels)
+    real_logits, _ = logits_and_features(session, to_input(test.images[real_idx]))
+    table["real"]["class_consistency"] = class_consistency(real_logits, test.labels[real_idx])["class_consistency"]
+    table["real"]["note"] = "second half of the test set against the first (class-balanced, seed 0)"
+    for name, (images, labels) in sets.items():
+        logits, features = logits_and_features(session, images)
+        table[name]["class_consistency"] = class_consistency(logits, labels)["class_consistency"]
+        table[name]["domain_fid_vs_test"] = round(frechet_distance(features, test_f), 3)
+        table[name]["fid_samples"] = int(len(images))
+    return table
+
+
+def rows_markdown(table: dict[str, dict[str, Any]]) -> str:
+    """The overall figures of :func:`generator_rows`, one row per set, with each figure's ratio to real data's."""
+    from training.export import markdown_table
+
+    real = table["real"]
+    real_diversity = real["within_class_diversity"]
+    rows = []
+    for name, r in table.items():
+        fid = f"{r['domain_fid_vs_test']:.2f}" if "domain_fid_vs_test" in r else "-"
+        rows.append(
+            (
+                name,
+                f"{r['precision']:.3f}",
+                f"{r['recall']:.3f} ({r['recall'] / real['recall']:.2f}x)",
+                f"{r['density']:.3f}",
+                f"{r['coverage']:.3f}",
+                f"{r['within_class_diversity']:.3f} ({r['within_class_diversity'] / real_diversity:.2f}x)",
+                f"{r['class_consistency']:.2%}",
+                fid,
+            )
+        )
+    header = ["set", "precision", "recall (x real)", "density", "coverage", "within-class diversity (x real)",
+              "class consistency", "domain FID"]  # fmt: skip
+    return markdown_table(header, rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", choices=["classifier", "diffusion"])
+    parser.add_argument("model", choices=["classifier", "diffusion", "generators"])
+    parser.add_argument("--gan", type=Path, action="append", default=[], help="generators: a GAN version (repeatable)")
+    parser.add_argument("--diffusion", type=Path, default=None, help="generators: the denoiser version to add")
+    parser.add_argument("--per-class", type=int, default=500, help="generators: samples per class")
+    parser.add_argument("--classifier", type=Path, default=Path("models/classifier/2"), help="generators: features")
+    parser.add_argument("--json-out", type=Path, default=None, help="generators: also write the figures here")
     parser.add_argument("--model-dir", type=Path, default=None, help="default models/classifier/1 (or the denoiser's)")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--precision", default="fp32", help="classifier: which variant of the version to score")
@@ -388,6 +604,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--make-default", action="store_true", help="diffusion: --record, and serve this sampler with these settings"
     )
     args = parser.parse_args(argv)
+    if args.model == "generators":
+        table = generator_rows(
+            args.gan, args.diffusion, args.classifier, args.per_class,
+            (load_split("train", args.data_dir), load_split("test", args.data_dir)),
+            (args.sampler, args.steps, args.guidance if args.guidance is not None else 2.5),
+        )  # fmt: skip
+        command = shlex.join(["python", "-m", "training.evaluate", *(sys.argv[1:] if argv is None else argv)])
+        for row in table.values():
+            row["command"] = command
+        if args.json_out:
+            args.json_out.write_text(json.dumps(table, indent=2) + "\n")
+        print(rows_markdown(table))
+        return 0
     if args.model == "diffusion":
         model_dir = args.model_dir or Path("models/diffusion_denoiser/1")
         metrics = sampler_quality(
