@@ -1,5 +1,6 @@
 """Class-conditional DCGAN: a generator with conditional batch norm, a projection discriminator
-with spectral norm and an auxiliary classifier head."""
+with spectral norm, an optional minibatch standard-deviation feature and an auxiliary classifier
+head; DiffAugment (Zhao et al. 2020) for the discriminator's inputs."""
 
 from __future__ import annotations
 
@@ -48,24 +49,89 @@ class Generator(nn.Module):
         return torch.sigmoid(self.out(h))
 
 
+def minibatch_stddev(h: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """Append one channel: the feature standard deviation across a group of samples (Karras et al. 2018).
+
+    A generator that gives every sample of a group the same picture shows a zero there, which the
+    discriminator can learn to reject; that is its lever against mode collapse.
+    """
+    b, c, height, width = h.shape
+    g = min(group, b)
+    while b % g:
+        g -= 1
+    y = h.view(g, -1, c, height, width)
+    y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # [B / g]
+    y = y.view(-1, 1, 1, 1).repeat(g, 1, height, width)
+    return torch.cat([h, y], dim=1)
+
+
 class Discriminator(nn.Module):
     """Returns (realness logit [B], class logits [B, num_classes]) for images and their labels."""
 
-    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 64, mbstd_group: int = 0) -> None:
         super().__init__()
+        self.mbstd_group = mbstd_group
         self.features = nn.Sequential(
             spectral_norm(nn.Conv2d(1, width, 4, stride=2, padding=1)),
             nn.LeakyReLU(0.2),
             spectral_norm(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1)),
             nn.LeakyReLU(0.2),
-            spectral_norm(nn.Conv2d(2 * width, 4 * width, 3, padding=1)),
-            nn.LeakyReLU(0.2),
+        )
+        extra = 1 if mbstd_group else 0
+        self.head = nn.Sequential(
+            spectral_norm(nn.Conv2d(2 * width + extra, 4 * width, 3, padding=1)), nn.LeakyReLU(0.2)
         )
         self.linear = spectral_norm(nn.Linear(4 * width, 1))
         self.project = spectral_norm(nn.Embedding(num_classes, 4 * width))
         self.aux = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x * 2 - 1).sum(dim=(2, 3))
+        h = self.features(x * 2 - 1)
+        if self.mbstd_group:
+            h = minibatch_stddev(h, self.mbstd_group)
+        h = self.head(h).sum(dim=(2, 3))
         realness = self.linear(h).squeeze(1) + (self.project(label) * h).sum(dim=1)
         return realness, self.aux(h)
+
+
+def diff_augment(x: torch.Tensor, policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Differentiable augmentation (Zhao et al. 2020), applied alike to real and generated images
+    before the discriminator, so it cannot memorise the training set and the generator still gets
+    gradients through it.
+
+    ``policy``: comma-separated ``translation`` (shift by up to 1/8 of the side, zero padded) and
+    ``cutout`` (zero a random square of half the side).
+    """
+    for name in filter(None, policy.split(",")):
+        if name == "translation":
+            x = _translation(x, 0.125, generator)
+        elif name == "cutout":
+            x = _cutout(x, 0.5, generator)
+        else:
+            raise ValueError(f"unknown DiffAugment policy {name!r}; use translation and/or cutout")
+    return x
+
+
+def _translation(x: torch.Tensor, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    b, _, h, w = x.shape
+    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    tx = torch.randint(-sh, sh + 1, (b, 1, 1), generator=generator)
+    ty = torch.randint(-sw, sw + 1, (b, 1, 1), generator=generator)
+    gb, gx, gy = torch.meshgrid(torch.arange(b), torch.arange(h), torch.arange(w), indexing="ij")
+    gx = torch.clamp(gx + tx + 1, 0, h + 1)
+    gy = torch.clamp(gy + ty + 1, 0, w + 1)
+    padded = F.pad(x, [1, 1, 1, 1])
+    return padded.permute(0, 2, 3, 1)[gb, gx, gy].permute(0, 3, 1, 2)
+
+
+def _cutout(x: torch.Tensor, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    b, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    ox = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), generator=generator)
+    oy = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), generator=generator)
+    gb, gx, gy = torch.meshgrid(torch.arange(b), torch.arange(ch), torch.arange(cw), indexing="ij")
+    gx = torch.clamp(gx + ox - ch // 2, 0, h - 1)
+    gy = torch.clamp(gy + oy - cw // 2, 0, w - 1)
+    mask = torch.ones(b, h, w, dtype=x.dtype)
+    mask[gb, gx, gy] = 0
+    return x * mask.unsqueeze(1)
