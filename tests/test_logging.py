@@ -9,6 +9,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def test_the_request_id_is_echoed_or_generated_on_every_reply(json_server: Servi
         assert trailing(given)["x-request-id"] == "order-42"
         _, generated = stub.Classify.with_call(REQUEST, timeout=10)
         assert GENERATED.match(trailing(generated)["x-request-id"])
+        assert uuid.UUID(hex=trailing(generated)["x-request-id"]).version == 4
         with pytest.raises(grpc.RpcError) as failed:
             stub.Classify(classify_pb2.ClassifyRequest(), metadata=(("x-request-id", "bad-1"),), timeout=10)
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -41,7 +41,15 @@ def request_id(given: str | bytes | None) -> str:
     """The caller's request id if it is usable as one (and safe to echo), else a new uuid4 hex."""
     if isinstance(given, str) and 0 < len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """``uuid.uuid4().hex``, built without the UUID object: every call without an id takes one,
+    and this takes under half the time (version and variant bits set as RFC 4122 says)."""
+    n = int.from_bytes(os.urandom(16), "big")
+    n = (n & ~(0xF000 << 64) | (0x4000 << 64)) & ~(0xC000 << 48) | (0x8000 << 48)
+    return f"{n:032x}"
 
 
 class CallRecord:
