@@ -40,7 +40,7 @@ from services.core import tracing  # noqa: E402
 from services.core.http import HttpServer  # noqa: E402
 from services.core.server import GrpcServer  # noqa: E402
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc  # noqa: E402
-from tests.helpers import start_service  # noqa: E402
+from tests.helpers import ROOT, start_service  # noqa: E402
 
 CLASSIFY = "nnserve.v1.ClassifyService/Classify"
 # A caller's W3C trace context: version 00, trace id, parent span id, sampled.
@@ -280,3 +280,20 @@ def test_a_service_process_exports_by_otlp_as_the_otel_variables_say(
         assert server.stop() == 0
         receiver.stop(0)
         os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+
+
+def test_tracing_on_without_the_extra_is_one_clear_line(tiny_repository: Path) -> None:
+    """`--tracing` where OpenTelemetry is not installed: exit 2 with one line that says what to install."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['opentelemetry'] = None\n"  # as if the tracing extra were not installed
+        "from services.classify.__main__ import main\n"
+        f"raise SystemExit(main(['--tracing', '--workers', '1', '--port', '0', '--metrics-port', 'none', "
+        f"'--http-port', 'none', '--model-repository', {str(tiny_repository)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "pip install 'nnserve[tracing]'" in result.stderr.splitlines()[-1]
