@@ -112,11 +112,12 @@ def test_generation_panels_compute_what_their_titles_say(tmp_path) -> None:  # t
     rows_per_call = panels["Generation: rows per denoiser call"]["targets"][0]["expr"]
     speed = panels["Generation: GAN images/s and denoiser steps/s"]["targets"]
     labels = 'service="generate",model="diffusion_denoiser"'
+    a, b = 'instance="a:9103",version="1"', 'instance="b:9103",version="2"'  # the replicas and their versions
     series = [
-        {"series": f'nnserve_model_executions_total{{{labels},instance="a:9103",version="1"}}', "values": "0+60x10"},
-        {"series": f'nnserve_model_inference_rows_total{{{labels},instance="a:9103",version="1"}}', "values": "0+120x10"},
-        {"series": f'nnserve_model_executions_total{{{labels},instance="b:9103",version="2"}}', "values": "0+240x10"},
-        {"series": f'nnserve_model_inference_rows_total{{{labels},instance="b:9103",version="2"}}', "values": "0+1920x10"},
+        {"series": f'nnserve_model_executions_total{{{labels},{a}}}', "values": "0+60x10"},
+        {"series": f'nnserve_model_inference_rows_total{{{labels},{a}}}', "values": "0+120x10"},
+        {"series": f'nnserve_model_executions_total{{{labels},{b}}}', "values": "0+240x10"},
+        {"series": f'nnserve_model_inference_rows_total{{{labels},{b}}}', "values": "0+1920x10"},
         {
             "series": f'nnserve_model_info{{{labels},instance="a:9103",version="1",provider="CPU",precision="fp32"}}',
             "values": "1x10",
