@@ -189,7 +189,8 @@ def ran(
             continue
         ctx, began = (queued_.context, queued_.waited_until) if isinstance(queued_, _Queued) else (queued_, None)
         parent = trace.get_current_span(ctx)
-        parent.set_attributes(facts)
+        if parent.is_recording():  # not when the call ended first (cancelled while its batch ran)
+            parent.set_attributes(facts)
         start = offset + int((predict_started if began is None else began) * 1e9)
         batch = _tracer.start_span(BATCH, context=ctx, start_time=start, attributes=facts)
         batch.set_attribute(REQUEST_ROWS, request.rows)
