@@ -190,7 +190,8 @@ def _call_failed(args: argparse.Namespace, channel: Any, exc: Any, wanted: str) 
         from services.connect import services_at
 
         there = services_at(channel, timeout=min(args.timeout, 5.0))
-        ours = [s for s in there if s.startswith("nnserve.")] or there
+        # The service APIs; nnserve.model.v1.ModelInfo is on every server and tells nothing here.
+        ours = [s for s in there if s.startswith("nnserve.v1.")] or there
         if ours and wanted not in there:
             line = (
                 f"nnserve {args.command}: {args.address} serves {', '.join(ours)}, not {wanted}: "
