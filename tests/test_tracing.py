@@ -297,3 +297,52 @@ def test_tracing_on_without_the_extra_is_one_clear_line(tiny_repository: Path) -
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "pip install 'nnserve[tracing]'" in result.stderr.splitlines()[-1]
+
+
+def test_generation_spans_gan_batches_and_diffusion_sampling(
+    tiny_repository: Path, exporter: InMemorySpanExporter
+) -> None:
+    """A GAN call runs through the dynamic batcher (batch and inference spans); a diffusion call
+    through the step batcher: its queue_wait and one sampling span with the steps it ran. Both
+    calls' spans name the model."""
+    from services.generate.__main__ import build as build_generate
+    from services.generate.settings import GenerateSettings
+    from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
+
+    settings = GenerateSettings(model_repository=tiny_repository, port=0, metrics_port=None, http_port=None)
+    service = build_generate(settings, CollectorRegistry())
+
+    async def run() -> None:
+        server = GrpcServer(service, settings)
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = generate_pb2_grpc.GenerateServiceStub(channel)
+                gan = generate_pb2.GenerateRequest(model=generate_pb2.GENERATOR_MODEL_GAN, count=2, seed=1)
+                await stub.Generate(gan, metadata=(("traceparent", traceparent(0)),), timeout=30)
+                diffusion = generate_pb2.GenerateRequest(
+                    model=generate_pb2.GENERATOR_MODEL_DIFFUSION,
+                    count=2,
+                    seed=1,
+                    diffusion=generate_pb2.DiffusionOptions(steps=4),
+                )
+                await stub.Generate(diffusion, metadata=(("traceparent", traceparent(1)),), timeout=30)
+        finally:
+            await server.stop(1.0)
+
+    asyncio.run(run())
+    spans = list(exporter.get_finished_spans())
+    method = "nnserve.v1.GenerateService/Generate"
+    gan_spans = by_trace(spans, TRACE_IDS[0])
+    assert {method, "batch", "inference"} <= set(gan_spans), sorted(gan_spans)
+    assert (gan_spans[method][0].attributes or {})["nnserve.model.name"] == "gan_generator"
+    assert (gan_spans["batch"][0].attributes or {})["nnserve.batch.size"] == 2
+    sampling_spans = by_trace(spans, TRACE_IDS[1])
+    assert {method, "queue_wait", "sampling"} <= set(sampling_spans), sorted(sampling_spans)
+    server_span, sampling = sampling_spans[method][0], sampling_spans["sampling"][0]
+    assert (server_span.attributes or {})["nnserve.model.name"] == "diffusion_denoiser"
+    facts = sampling.attributes or {}
+    assert facts["nnserve.model.name"] == "diffusion_denoiser" and facts["nnserve.request.rows"] >= 2
+    assert facts["nnserve.sampling.steps"] == 4
+    assert sampling.parent is not None and sampling.parent.span_id == server_span.context.span_id
+    assert sampling.status.status_code != StatusCode.ERROR

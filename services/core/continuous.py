@@ -33,6 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
+from services.core import tracing
 from services.core.batching import RELEASE_AFTER_ROWS, BatchStats, failure_for, idle_release
 from services.core.errors import DeadlineExpired, Overloaded, Unavailable
 from services.core.metrics import ModelMetrics
@@ -107,6 +108,7 @@ class _Entry:
     on_step: Callable[[], None] | None
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    trace: object = None  # the caller's trace context, when tracing is on
 
 
 class StepBatcher:
@@ -193,6 +195,8 @@ class StepBatcher:
             )
         self._check_admission(job, deadline)
         entry = _Entry(job, asyncio.get_running_loop().create_future(), deadline, on_step)
+        if tracing.enabled:
+            entry.trace = tracing.capture()
         self._waiting.append(entry)
         if self._metrics:
             self._metrics.queue_depth.inc()
@@ -258,8 +262,12 @@ class StepBatcher:
             self.stats.queue_ns += int((time.perf_counter() - entry.enqueued) * 1e9)
             self._active.append(entry)
             self._rows_in_flight += entry.job.rows
+            if tracing.enabled:
+                tracing.queued(self.name, self._metrics, [entry], time.perf_counter())
 
     def _retire(self, entry: _Entry, error: BaseException | None = None) -> None:
+        if tracing.enabled:
+            tracing.sampled(self.name, self._metrics, entry, error)
         self._active.remove(entry)
         self._rows_in_flight -= entry.job.rows
         elapsed = int((time.perf_counter() - entry.enqueued) * 1e9)

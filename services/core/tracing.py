@@ -5,7 +5,8 @@ W3C ``traceparent``, named and attributed by the RPC semantic conventions (``rpc
 ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``) plus the model and version it ran on;
 a request that runs through the dynamic batcher gets child spans for its ``queue_wait``, the
 ``batch`` it ran in and, inside that, the ``inference`` (the onnxruntime call), with the batch's
-rows and requests as attributes.
+rows and requests as attributes; a sampling job in the step batcher gets its ``queue_wait`` and a
+``sampling`` span (admission to its end) with its rows and the steps it ran.
 
 The exporter is OTLP over gRPC, configured as every OpenTelemetry SDK is, by the standard
 environment variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_HEADERS``,
@@ -34,6 +35,7 @@ _provider: Any = None
 QUEUE_WAIT = "queue_wait"
 BATCH = "batch"
 INFERENCE = "inference"
+SAMPLING = "sampling"  # an iterative job's (diffusion sampling's) time in the step batcher
 
 # Attribute keys (nnserve's own; the rpc.* ones are the semantic conventions').
 MODEL = "nnserve.model.name"
@@ -221,3 +223,34 @@ class _Inline:
 def ran_inline(name: str, metrics: Any, rows: int, started: float, finished: float) -> None:
     """``batch`` and ``inference`` spans of a request that ran at once, with no queue wait."""
     ran(name, metrics, [_Inline(rows)], rows, started, finished)
+
+
+def sampled(name: str, metrics: Any, entry: Any, error: BaseException | None = None) -> None:
+    """The ``sampling`` span of an iterative job leaving the step batcher (done, failed or
+    cancelled), from its admission (:func:`queued`) to now, and the model on its caller's span."""
+    from opentelemetry import trace
+    from opentelemetry.trace import Status, StatusCode
+
+    queued_ = entry.trace
+    if not isinstance(queued_, _Queued):
+        return
+    labels = _labels(name, metrics)
+    parent = trace.get_current_span(queued_.context)
+    if parent.is_recording():
+        parent.set_attributes(labels)
+    offset = _clock()
+    span = _tracer.start_span(
+        SAMPLING,
+        context=queued_.context,
+        start_time=offset + int(queued_.waited_until * 1e9),
+        attributes={**labels, REQUEST_ROWS: entry.job.rows},
+    )
+    steps = getattr(entry.job, "index", None)
+    if isinstance(steps, int):
+        span.set_attribute("nnserve.sampling.steps", steps)
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    elif getattr(entry, "cancelled", False):
+        span.set_attribute("nnserve.cancelled", True)
+    span.end()
