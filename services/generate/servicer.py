@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from grpc import aio
 
+from services.core import logs
 from services.core.continuous import StepBatcher
 from services.core.convert import deadline_of, tensor_message
 from services.core.deployment import Deployment, ModelSlot
@@ -151,6 +152,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         if slot is None:
             raise ModelNotFound(f"model: the {kind} generator is not served here")
         deployment = slot.current  # one version for the whole request, even across a reload
+        logs.note_model(deployment.name, deployment.version)  # for the call's log lines
         count = check_count(request.count, self.max_count)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         rng = np.random.default_rng(seed)
