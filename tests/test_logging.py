@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import time
 import urllib.error
@@ -130,3 +131,43 @@ def test_json_lines_and_one_access_record_per_call(json_server: ServiceProcess) 
     assert not [line for line in lines if TEXT_LINE.match(line)]
     startup = records(json_server, logger="services.core.lifecycle")
     assert startup and all({"time", "level", "logger", "message"} <= set(r) for r in startup)
+
+
+def test_generation_access_records_name_the_model(
+    tiny_repository: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generate service reaches its models without the data plane: its access records still
+    name the model and version (a real grpc.aio server in this process, records caught by caplog)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from services.core import logs
+    from services.core.server import GrpcServer
+    from services.generate.__main__ import build
+    from services.generate.settings import GenerateSettings
+    from services.proto.nnserve.v1 import generate_pb2, generate_pb2_grpc
+
+    monkeypatch.setattr(logs, "access", True)
+    settings = GenerateSettings(model_repository=tiny_repository, port=0, metrics_port=None, http_port=None)
+    service = build(settings, CollectorRegistry())
+
+    async def run() -> None:
+        server = GrpcServer(service, settings)
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = generate_pb2_grpc.GenerateServiceStub(channel)
+                for i, model in enumerate((generate_pb2.GENERATOR_MODEL_GAN, generate_pb2.GENERATOR_MODEL_DIFFUSION)):
+                    request = generate_pb2.GenerateRequest(
+                        model=model, count=1, seed=1, diffusion=generate_pb2.DiffusionOptions(steps=2)
+                    )
+                    await stub.Generate(request, metadata=(("x-request-id", f"gen-{i}"),), timeout=30)
+        finally:
+            await server.stop(1.0)
+
+    with caplog.at_level(logging.INFO, logger="nnserve.access"):
+        asyncio.run(run())
+    found = {r.request_id: r for r in caplog.records if r.name == "nnserve.access"}  # type: ignore[attr-defined]
+    assert "gan_generator/1" in found["gen-0"].getMessage() and found["gen-0"].code == "OK"  # type: ignore[attr-defined]
+    assert "diffusion_denoiser/1" in found["gen-1"].getMessage()
