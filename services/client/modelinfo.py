@@ -38,7 +38,9 @@ class ModelInfoClient:
 
 
 def _number(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # Struct holds every number as a double: 10000 comes back 10000.0
+        return f"{int(value):,}" if value.is_integer() else f"{value:.4g}"
+    return str(value)
 
 
 def format_card(card: model_info_pb2.ModelCard) -> str:
