@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -75,6 +76,18 @@ def test_health_and_reflection_are_counted_but_not_timed(classify_server: Servic
     assert metric_value(after, "nnserve_grpc_requests_total", **reflection_labels, **ok) >= 1
     timed = {labels["grpc_service"] for labels in label_sets(after, "nnserve_grpc_request_duration_seconds_count")}
     assert not timed & {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}, timed
+
+
+def test_http_health_probes_are_counted_but_not_timed(classify_server: ServiceProcess) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/classifier/ready"):
+        with urllib.request.urlopen(f"{classify_server.http_url}{path}", timeout=10) as reply:
+            assert reply.status == 200
+    text = classify_server.metrics_text()
+    for route in ("GET /v2/health/live", "GET /v2/health/ready"):
+        assert metric_value(text, "nnserve_http_requests_total", route=route, code="200") >= 1
+        assert not [s for s in label_sets(text, "nnserve_http_request_duration_seconds_count") if s["route"] == route]
+    model_ready = "GET /v2/models/{model}/ready"
+    assert metric_value(text, "nnserve_http_request_duration_seconds_count", route=model_ready) >= 1
 
 
 def test_unknown_methods_are_counted_in_one_series(classify_server: ServiceProcess) -> None:

@@ -33,6 +33,7 @@ from services.core.transcode import TypedRoutes
 log = logging.getLogger(__name__)
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+UNTIMED_ROUTES = frozenset(f"GET {path}" for path in HEALTH_PATHS)
 
 
 class _ClientProtocolErrors(logging.Filter):
@@ -162,7 +163,8 @@ class HttpServer:
             counter = self._requests.labels(self.service.metrics.service, route, str(status))
             self._children[key] = counter
         counter.inc()
-        self._duration.labels(self.service.metrics.service, route).observe(time.perf_counter() - started)
+        if route not in UNTIMED_ROUTES:  # probes are counted, not timed, as gRPC health checks
+            self._duration.labels(self.service.metrics.service, route).observe(time.perf_counter() - started)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:

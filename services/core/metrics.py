@@ -91,7 +91,8 @@ class Metrics:
         )
         self.http_request_duration = Histogram(
             "nnserve_http_request_duration_seconds",
-            "Time from receiving an HTTP request to its reply (to its last event, for a stream).",
+            "Time from receiving an HTTP request to its reply (to its last event, for a stream); "
+            "health probes are not observed.",
             ["service", "route"],
             buckets=DURATION_BUCKETS,
             registry=registry,
