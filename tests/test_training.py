@@ -79,8 +79,12 @@ def test_gan_dry_run(tmp_path: Path) -> None:
     from training import train_gan
 
     out = tmp_path / "gan_generator" / "1"
-    assert train_gan.main(["--dry-run", "--out", str(out)]) == 0
+    checkpoint = tmp_path / "gan.pt"
+    args = ["--dry-run", "--out", str(out), "--r1-every", "2", "--diffaug", "translation,cutout"]
+    assert train_gan.main([*args, "--checkpoint", str(checkpoint)]) == 0
     manifest = _check_artifact(out, "gan_generator")
+    assert manifest.training is not None and manifest.training.model_extra is not None
+    assert manifest.training.model_extra["r1_gamma"] > 0 and manifest.training.model_extra["aux_weight"] < 1
     assert [(s.name, s.dtype) for s in manifest.inputs] == [("z", "float32"), ("label", "int64")]
     session = ort.InferenceSession(str(out / "model.onnx"))
     z = np.random.default_rng(0).standard_normal((4, manifest.extra["latent_dim"])).astype(np.float32)
@@ -88,6 +92,17 @@ def test_gan_dry_run(tmp_path: Path) -> None:
     b = session.run(None, {"z": z, "label": np.arange(4)})[0]
     assert a.shape == (4, 1, 28, 28) and np.array_equal(a, b)  # no randomness inside the graph
     assert (out / "sample_grid.png").exists()
+    # An interrupted run exports from its checkpoint: the same weights, and the recipe it was trained
+    # with rather than the finalizing command's flags.
+    again = tmp_path / "again" / "gan_generator" / "1"
+    finalize = ["--dry-run", "--out", str(again), "--finalize-from", str(checkpoint), "--r1-every", "9"]
+    assert train_gan.main(finalize) == 0
+    redone = _check_artifact(again, "gan_generator")
+    assert redone.training is not None and redone.training.model_extra is not None
+    recipe = redone.training.model_extra
+    assert recipe["r1_every"] == 2 and recipe["diffaug"] == "translation,cutout"
+    c = ort.InferenceSession(str(again / "model.onnx")).run(None, {"z": z, "label": np.arange(4)})[0]
+    np.testing.assert_allclose(c, a, atol=1e-6)
 
 
 def test_diffusion_dry_run(tmp_path: Path) -> None:

@@ -26,15 +26,13 @@ from training.data import LABELS
 from training.evaluate import classifier_with_features, diversity_table, generative_metrics, to_input
 from training.export import (
     MODEL_FILE,
-    OPSET,
     check_parity,
     export_onnx,
     markdown_table,
     onnx_session,
     run_onnx,
-    tensor_specs,
     training_info,
-    write_artifacts,
+    write_model,
 )
 from training.models.gan import Discriminator, Generator, diff_augment
 from training.plots import save_curves, save_grid
@@ -46,11 +44,11 @@ def parse_args(argv: Sequence[str] | None):  # type: ignore[no-untyped-def]
     p = base_parser(__doc__, epochs=12, lr=2e-4, batch_size=64)
     p.add_argument("--latent-dim", type=int, default=64)
     p.add_argument(
-        "--aux-weight", type=float, default=0.0, help="weight of the AC-GAN auxiliary classifier loss (0: none)"
+        "--aux-weight", type=float, default=0.1, help="weight of the AC-GAN auxiliary classifier loss (0: none)"
     )
-    p.add_argument("--diffaug", default="translation,cutout", help="DiffAugment policy for D's inputs ('' for none)")
+    p.add_argument("--diffaug", default="translation", help="DiffAugment policy for D's inputs ('' for none)")
     p.add_argument("--mbstd-group", type=int, default=4, help="minibatch standard deviation group in D (0: off)")
-    p.add_argument("--r1-gamma", type=float, default=0.0, help="R1 penalty weight on real images (0: off)")
+    p.add_argument("--r1-gamma", type=float, default=0.1, help="R1 penalty weight on real images (0: off)")
     p.add_argument("--r1-every", type=int, default=16, help="lazy R1: apply it every this many steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--eval-samples", type=int, default=10_000)
@@ -189,10 +187,20 @@ def train(args: Any, train_images: np.ndarray, train_labels: np.ndarray) -> tupl
     return ema.model, history
 
 
-def load_checkpoint(path: Path, latent_dim: int) -> tuple[Generator, list[dict[str, float]]]:
-    """The EMA generator and the history saved by :func:`train` under ``--checkpoint``."""
+RECIPE = ("latent_dim", "epochs", "lr", "batch_size", "aux_weight", "diffaug", "mbstd_group", "r1_gamma", "r1_every",
+          "ema_decay", "seed")  # fmt: skip
+
+
+def load_checkpoint(path: Path, args: Any) -> tuple[Generator, list[dict[str, float]]]:
+    """The EMA generator and the history saved by :func:`train` under ``--checkpoint``.
+
+    The run's recipe (``RECIPE``) is copied onto ``args``, so the manifest records how the weights
+    were trained rather than the finalizing command's defaults.
+    """
     state = torch.load(path, map_location="cpu", weights_only=False)
-    gen = Generator(latent_dim)
+    for key in RECIPE:
+        setattr(args, key, state["args"][key])
+    gen = Generator(args.latent_dim)
     gen.load_state_dict(state["ema"])
     return gen.eval(), state["history"]
 
@@ -363,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.finalize_from:
-        gen, history = load_checkpoint(args.finalize_from, args.latent_dim)
+        gen, history = load_checkpoint(args.finalize_from, args)
         duration = sum(row["seconds"] for row in history)
     else:
         gen, history = train(args, train_split.images, train_split.labels)
@@ -397,21 +405,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = run_onnx(onnx_session(onnx_path), {"z": grid_z.numpy(), "label": grid_y.numpy()})[0]
     save_grid(grid.reshape(10, 10, 28, 28), args.out / "sample_grid.png")
     save_curves(history, ["d_loss", "g_loss"], args.out / "training_curves.png", "gan")
-    inputs, outputs = tensor_specs(onnx_session(onnx_path), ranges={"label": (0, 9)})
-    fields: dict[str, Any] = {
-        "name": "gan_generator",
-        "version": int(args.out.name) if args.out.name.isdigit() else 1,
-        "task": "image-generation",
-        "opset": OPSET,
-        "inputs": inputs,
-        "outputs": outputs,
-        "preprocessing": Preprocessing(
-            description="Output: grayscale 28x28 in [0,1], light object on dark background."
-        ),
-        "labels": list(LABELS),
-        "parameters": parameters,
-        "metrics": metrics,
-        "training": training_info(
+    manifest = write_model(
+        args.out,
+        model_card,
+        name="gan_generator",
+        task="image-generation",
+        preprocessing=Preprocessing(description="Output: grayscale 28x28 in [0,1], light object on dark background."),
+        labels=LABELS,
+        parameters=parameters,
+        metrics=metrics,
+        training=training_info(
             argv,
             args.seed,
             train_split.source,
@@ -428,9 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=sum(int(row["steps"]) for row in history),
             history=history,
         ),
-        "extra": {"latent_dim": args.latent_dim, "noise": "standard normal", "num_classes": 10},
-    }
-    manifest = write_artifacts(args.out, fields, model_card({**fields, "training": fields["training"].model_dump()}))
+        extra={"latent_dim": args.latent_dim, "noise": "standard normal", "num_classes": 10},
+        ranges={"label": (0, 9)},
+    )
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     return 0 if parity.allclose else 1
 
