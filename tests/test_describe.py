@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -198,3 +200,22 @@ def test_cli_describe(server: ServiceProcess, card_repository: Path) -> None:
     done = nnserve("describe", "--address", server.address, "--model", "nope")
     assert done.returncode == 1 and "NOT_FOUND" in done.stderr and "unknown model" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_card_follows_a_reload(tmp_path: Path) -> None:
+    """The facts are the served deployment's: after SIGHUP loads version 2, its checksum and version."""
+    repo = tmp_path / "repo"
+    make_tiny_classifier(repo, version=1, seed=1)
+    server = start_service("services.classify", repo, tmp_path / "run", "--model-poll-interval-s", "0")
+    try:
+        with ModelInfoClient(server.address) as client:
+            assert client.describe("classifier", timeout=10).version == "1"
+            make_tiny_classifier(repo, version=2, seed=9)
+            server.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while (card := client.describe("classifier", timeout=10)).version != "2":
+                assert time.monotonic() < deadline, "version 2 was not loaded"
+                time.sleep(0.05)
+        assert card.sha256 == file_sha256(repo / "classifier" / "2" / "model.onnx")
+    finally:
+        assert server.stop() == 0
