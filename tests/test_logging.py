@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from services.client import tensor_message
@@ -90,6 +91,12 @@ def test_the_request_id_is_echoed_or_generated_on_every_reply(json_server: Servi
         # An id that is no sane one (too long) is replaced, not echoed.
         _, replaced = stub.Classify.with_call(REQUEST, metadata=(("x-request-id", "x" * 500),), timeout=10)
         assert GENERATED.match(trailing(replaced)["x-request-id"])
+        # Health checks answer it too, though they stay out of the access log.
+        health = health_pb2_grpc.HealthStub(channel)
+        _, probed = health.Check.with_call(health_pb2.HealthCheckRequest(), metadata=(("x-request-id", "probe-1"),))
+        assert trailing(probed)["x-request-id"] == "probe-1"
+    assert records(json_server, 1, logger="nnserve.access", request_id="bad-1")
+    assert records(json_server, logger="nnserve.access", request_id="probe-1") == []
 
 
 def test_http_replies_carry_the_request_id(json_server: ServiceProcess) -> None:

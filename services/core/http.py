@@ -191,7 +191,7 @@ class HttpServer:
                 version = None if call.version is None else str(call.version)
                 facts = {"http.response.status_code": status, tracing.MODEL: call.model, tracing.VERSION: version}
                 tracing.end_server_span(span, status >= 500, facts)
-            if logs.access:
+            if logs.access and route not in UNTIMED_ROUTES:
                 logs.log_access(call, str(status), elapsed, route=route)
             logs.current_call.reset(token)
 

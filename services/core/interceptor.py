@@ -224,6 +224,8 @@ class _Guard:
         # Health and reflection calls are counted, but kept out of the latency histogram and the
         # in-flight gauge (see metrics.UNTIMED_SERVICES).
         self.timed = self.grpc_service not in UNTIMED_SERVICES if timed is None else timed
+        # Probes every few seconds would drown the access log; unknown methods (probing) stay in it.
+        self.logged = self.grpc_service not in UNTIMED_SERVICES
         self.labels = (metrics.service, kind, self.grpc_service, self.grpc_method)
         self.requests = metrics.requests
         self.counters: dict[str, Any] = {}
@@ -299,7 +301,7 @@ class _Call:
                     tracing.VERSION: None if self.version is None else str(self.version),
                 },
             )
-        if logs.access:
+        if logs.access and guard.logged:
             logs.log_access(self, code, elapsed, grpc_service=guard.grpc_service, grpc_method=guard.grpc_method)
         try:
             logs.current_call.reset(self.token)

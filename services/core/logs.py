@@ -5,7 +5,8 @@
   is handled, that call's ``request_id`` (and ``model``, ``version`` once the data plane resolved
   them); access-log records add ``grpc_service``/``grpc_method`` (or ``route``), ``code`` and
   ``latency_ms``. Log shippers (Loki, Fluent Bit, Cloud Logging) read the fields without parsing.
-- The access log (off by default) is one INFO record per call on the ``nnserve.access`` logger.
+- The access log (off by default) is one INFO record per call on the ``nnserve.access`` logger;
+  health checks (gRPC and HTTP probes) and reflection are left out of it.
 - Every gRPC call gets a request id: the caller's ``x-request-id`` metadata (or HTTP header) when it
   is a sane one (printable ASCII, at most :data:`MAX_REQUEST_ID` characters), else a new uuid4 hex.
   It goes back in the trailing metadata (the ``X-Request-Id`` response header over HTTP) of every
