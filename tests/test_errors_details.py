@@ -200,3 +200,48 @@ def test_http_error_bodies_carry_the_details(generator: ServiceProcess, classify
     }
     status, body = http_error(classify_server, "GET", "/no/such/route")
     assert status == 404 and set(body) == {"error"}  # not a domain error: no details
+
+
+def test_a_full_queue_says_when_it_drains() -> None:
+    """The batcher's Overloaded names its limit and model and estimates the queue's model time
+    (queued rows x the measured time per row), which RetryInfo carries."""
+    import asyncio
+    import threading
+
+    from services.core import error_details, errors
+    from services.core.batching import DynamicBatcher
+
+    release = threading.Event()
+
+    def predict(inputs: Any) -> dict[str, np.ndarray]:
+        release.wait(30)
+        return {"y": np.asarray(inputs["x"]) * 2}
+
+    async def scenario() -> errors.Overloaded:
+        batcher = DynamicBatcher(predict, name="m", max_batch_size=4, max_delay_s=0.0, max_queue_size=1)
+        batcher.start()
+        try:
+            release.set()
+            await batcher.submit({"x": np.ones((2, 1), np.float32)})  # measures the time per row
+            release.clear()
+            taken = batcher.stats.queue_count
+            running = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 1), np.float32)}))
+            while batcher.stats.queue_count == taken:  # until it has left the queue for the model
+                await asyncio.sleep(0.01)
+            queued = asyncio.ensure_future(batcher.submit({"x": np.ones((3, 1), np.float32)}))
+            await asyncio.sleep(0)
+            with pytest.raises(errors.Overloaded) as caught:
+                await batcher.submit({"x": np.ones((1, 1), np.float32)})
+            release.set()
+            await asyncio.gather(running, queued)
+            return caught.value
+        finally:
+            release.set()
+            await batcher.stop()
+
+    error = asyncio.run(scenario())
+    assert (error.limit, error.subject) == ("max_queue_size", "model m")
+    assert error.retry_after_s is not None and error.retry_after_s > 0
+    details = error_details.details_for(error)
+    retry = next(d for d in details if isinstance(d, error_details_pb2.RetryInfo))
+    assert retry.retry_delay.ToNanoseconds() == int(error.retry_after_s * 1e9)
