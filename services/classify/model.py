@@ -25,9 +25,9 @@ class Classifications:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
@@ -71,14 +71,15 @@ class ClassifierModel:
     def postprocess(self, outputs: dict[str, np.ndarray], k: int) -> Classifications:
         logits = outputs[self.output_name]
         probabilities = softmax(logits)
-        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        # Softmax keeps the logits' order: sort those (ties stay in class order either way).
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
         if self.ood_output is not None:
             scores = np.asarray(outputs[self.ood_output], dtype=np.float32).reshape(len(logits))
         else:
             scores = energy(logits).astype(np.float32)
         return Classifications(
             class_ids=top,
-            probabilities=np.take_along_axis(probabilities, top, axis=1).astype(np.float32),
+            probabilities=probabilities[np.arange(len(top))[:, None], top].astype(np.float32, copy=False),
             ood_scores=scores,
             out_of_distribution=scores > self.ood_threshold,
         )

@@ -291,7 +291,7 @@ class DynamicBatcher:
         finally:
             self._executing = False
         finished = time.perf_counter()
-        self._account(rows, 1, started, finished, [started])
+        self._account(rows, 1, started, finished)
         if tracing.enabled:
             tracing.ran_inline(self.name, m, rows, started, finished)
         if m:
@@ -299,14 +299,20 @@ class DynamicBatcher:
         stats.queue_count += 1
         return outputs
 
-    def _account(self, rows: int, requests: int, started: float, finished: float, enqueued: list[float]) -> None:
-        """Statistics and metrics of one successful model call and the requests it served."""
+    def _account(
+        self, rows: int, requests: int, started: float, finished: float, enqueued: list[float] | None = None
+    ) -> None:
+        """Statistics and metrics of one successful model call and the requests it served (queued at
+        ``enqueued``; None: one request that ran at once)."""
         per_row = (finished - started) / max(rows, 1)
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
         stats = self.stats
         stats.record_execution(rows, finished - started, self._metrics)
         stats.success_count += requests
-        stats.success_ns += sum(int((finished - t) * 1e9) for t in enqueued)
+        if enqueued is None:
+            stats.success_ns += int((finished - started) * 1e9)
+        else:
+            stats.success_ns += sum(int((finished - t) * 1e9) for t in enqueued)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -321,6 +321,7 @@ class _Call:
     ) -> bool:
         guard, context = self.guard, self.context
         code = "OK"
+        finished = False
         try:
             if exc is None:
                 return False
@@ -347,7 +348,12 @@ class _Call:
                 *(context.trailing_metadata() or ()),
                 *error_details.trailing_metadata(exc, status_code, message),
             )
+            # Counted before the status leaves: abort answers at once, and a client that reads the
+            # metrics as soon as it has its error must find the call there.
+            finished = True
+            self.finish(code)
             await context.abort(status_code, message, trailer)  # raises AbortError in place of exc
             return False
         finally:
-            self.finish(code)
+            if not finished:
+                self.finish(code)

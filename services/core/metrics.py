@@ -8,19 +8,35 @@ Duration buckets span a 1 ms classify call and a 10 s diffusion request.
 
 No ``*_created`` series: prometheus_client would add one per counter and histogram child, doubling
 the series count for a timestamp no dashboard reads (and one that cannot be merged across workers).
+
+The series updated on every call (request counts and latencies, queue waits, batch sizes, model
+calls) are :class:`HotFamily` collectors rather than prometheus_client metrics: plain numbers that
+the event loop thread, their only writer, updates without a lock, turned into samples when
+scraped. A prometheus_client histogram takes a lock per bucket and per sum and scans its buckets
+in Python; the dozen updates a call makes cost more than the rest of the call's bookkeeping.
 """
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -57,72 +73,187 @@ DURATION_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class _HotCounter:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+
+class _HotGauge(_HotCounter):
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class _HotHistogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+
+class HotFamily(Collector):
+    """A counter, gauge or histogram family with prometheus_client's ``labels(...).inc/observe``
+    interface, for series updated on every call from the event loop thread (their only writer).
+
+    Scrapes, from the metrics thread, read a snapshot: a histogram's count is the sum of the
+    buckets it read, so the +Inf bucket and ``_count`` always agree.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float] = (),
+    ) -> None:
+        if kind not in ("counter", "gauge", "histogram"):
+            raise ValueError(kind)
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(float(b) for b in buckets)
+        self._children: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        """The child for these label values (positional, or all by name), made on first use."""
+        if named:
+            values = tuple(named[label] for label in self.labelnames)
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
+        child = self._children.get(key)
+        if child is None:
+            if self.kind == "histogram":
+                child = _HotHistogram(self.buckets)
+            else:
+                child = _HotCounter() if self.kind == "counter" else _HotGauge()
+            self._children[key] = child
+        return child
+
+    def _family(self) -> Metric:
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if self.kind == "gauge":
+            return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for key, child in list(self._children.items()):
+            if self.kind != "histogram":
+                family.add_metric(list(key), child.value)  # type: ignore[attr-defined]
+                continue
+            counts, total, running = list(child.counts), child.sum, 0
+            buckets = []
+            for bound, count in zip((*self.buckets, float("inf")), counts, strict=True):
+                running += count
+                buckets.append((floatToGoString(bound), running))
+            family.add_metric(list(key), buckets, total)  # type: ignore[attr-defined]
+        yield family
+
+
 class Metrics:
     """The metric families of one service process."""
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
         self.registry = registry
         self.service = service
-        self.requests = Counter(
+        self.requests = HotFamily(
+            "counter",
             "nnserve_grpc_requests_total",
             "gRPC calls handled, by final status code (health and reflection included; methods no servicer "
             "registered as grpc_service and grpc_method 'unknown').",
             ["service", "grpc_type", "grpc_service", "grpc_method", "grpc_code"],
-            registry=registry,
+            registry,
         )
-        self.request_duration = Histogram(
+        self.request_duration = HotFamily(
+            "histogram",
             "nnserve_grpc_request_duration_seconds",
             "Time from receiving a gRPC call to its reply (health and reflection calls are not observed).",
             ["service", "grpc_type", "grpc_service", "grpc_method"],
+            registry,
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.in_flight = Gauge(
+        self.in_flight = HotFamily(
+            "gauge",
             "nnserve_grpc_requests_in_flight",
             "gRPC calls being handled now (health and reflection calls are not counted).",
             ["service"],
-            registry=registry,
+            registry,
         )
-        self.http_requests = Counter(
+        self.http_requests = HotFamily(
+            "counter",
             "nnserve_http_requests_total",
             "HTTP requests handled, by route template (METHOD /path/{param}, or unknown) and HTTP status.",
             ["service", "route", "code"],
-            registry=registry,
+            registry,
         )
-        self.http_request_duration = Histogram(
+        self.http_request_duration = HotFamily(
+            "histogram",
             "nnserve_http_request_duration_seconds",
             "Time from receiving an HTTP request to its reply (to its last event, for a stream); "
             "health probes are not observed.",
             ["service", "route"],
+            registry,
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.http_in_flight = Gauge(
+        self.http_in_flight = HotFamily(
+            "gauge",
             "nnserve_http_requests_in_flight",
             "HTTP requests being handled now.",
             ["service"],
-            registry=registry,
+            registry,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = HotFamily(
+            "histogram",
             "nnserve_batch_queue_wait_seconds",
             "Time a request waited in the batcher's queue.",
             ["service", "model", "version"],
+            registry,
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.inference_duration = Histogram(
+        self.inference_duration = HotFamily(
+            "histogram",
             "nnserve_model_inference_duration_seconds",
             "Duration of one model call (one batch).",
             ["service", "model", "version"],
+            registry,
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.batch_size = Histogram(
+        self.batch_size = HotFamily(
+            "histogram",
             "nnserve_batch_size_rows",
             "Rows (images or samples) per model call.",
             ["service", "model", "version"],
+            registry,
             buckets=BATCH_BUCKETS,
-            registry=registry,
         )
         self.queue_depth = Gauge(
             "nnserve_batch_queue_depth_requests",
@@ -130,17 +261,19 @@ class Metrics:
             ["service", "model", "version"],
             registry=registry,
         )
-        self.rows = Counter(
+        self.rows = HotFamily(
+            "counter",
             "nnserve_model_inference_rows_total",
             "Rows (images or samples) run through the model.",
             ["service", "model", "version"],
-            registry=registry,
+            registry,
         )
-        self.batches = Counter(
+        self.batches = HotFamily(
+            "counter",
             "nnserve_model_executions_total",
             "Model calls (batches) executed.",
             ["service", "model", "version"],
-            registry=registry,
+            registry,
         )
         self.failures = Counter(
             "nnserve_model_failures_total",

@@ -8,6 +8,8 @@ batcher's counters, which are updated at the same points as the Prometheus metri
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -24,6 +26,7 @@ from services.proto.inference import grpc_service_pb2 as pb
 from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from services.proto.inference import model_config_pb2 as config_pb
 
+LITTLE_ENDIAN = sys.byteorder == "little"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["model_configuration", "statistics"]
@@ -60,9 +63,51 @@ def _spec_dtype(spec: TensorSpec) -> _DType:
     return BY_OIP_NAME[BY_MANIFEST[spec.dtype]]
 
 
-def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: int) -> dict[str, np.ndarray]:
-    """Validate a ModelInfer request's inputs against the manifest and return them as arrays."""
-    expected = {spec.name: spec for spec in manifest.inputs}
+@dataclass(frozen=True)
+class _InputSpec:
+    """What decoding one declared input needs, worked out once per manifest."""
+
+    spec: TensorSpec
+    dtype: _DType
+    target: np.dtype[Any]  # the array dtype the model takes
+    fixed: list[int] | None  # the non-batch dims when only the batch axis is dynamic
+
+
+_PLANS: dict[int, tuple[Manifest, dict[str, _InputSpec]]] = {}
+_OUTPUTS: dict[int, tuple[Manifest, dict[str, str]]] = {}
+
+
+def _plan(manifest: Manifest) -> dict[str, _InputSpec]:
+    """The manifest's inputs by name, ready for decoding (cached: this runs on every request)."""
+    cached = _PLANS.get(id(manifest))
+    if cached is not None and cached[0] is manifest:
+        return cached[1]
+    plan = {}
+    for spec in manifest.inputs:
+        dynamic_rest = any(d == -1 for d in spec.shape[1:])
+        fixed = None if dynamic_rest or not spec.shape or spec.shape[0] != -1 else list(spec.shape[1:])
+        plan[spec.name] = _InputSpec(spec, _spec_dtype(spec), np.dtype(spec.dtype), fixed)
+    if len(_PLANS) >= 64:  # a long-lived server reloads models: keep the cache bounded
+        _PLANS.clear()
+    _PLANS[id(manifest)] = (manifest, plan)  # holding the manifest keeps its id from being reused
+    return plan
+
+
+def _output_datatypes(manifest: Manifest) -> dict[str, str]:
+    """The manifest's outputs in order, {name: OIP datatype} (cached with the input plan)."""
+    cached = _OUTPUTS.get(id(manifest))
+    if cached is not None and cached[0] is manifest:
+        return cached[1]
+    datatypes = {spec.name: _spec_dtype(spec).name for spec in manifest.outputs}
+    if len(_OUTPUTS) >= 64:
+        _OUTPUTS.clear()
+    _OUTPUTS[id(manifest)] = (manifest, datatypes)
+    return datatypes
+
+
+def _check_names(request: pb.ModelInferRequest, manifest: Manifest) -> None:
+    """The request names each declared input exactly once (raises InvalidInput naming what is wrong)."""
+    expected = {spec.name for spec in manifest.inputs}
     given = [t.name for t in request.inputs]
     unknown = [n for n in given if n not in expected]
     if unknown:
@@ -75,29 +120,43 @@ def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: i
         raise InvalidInput(
             "inputs", f"model {manifest.name} needs exactly one each of {sorted(expected)}, got {shorten(given, 200)}"
         )
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput("raw_input_contents", f"has {len(raw)} entries for {len(request.inputs)} inputs")
+
+
+def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: int) -> dict[str, np.ndarray]:
+    """Validate a ModelInfer request's inputs against the manifest and return them as arrays."""
+    plan = _plan(manifest)
+    tensors = request.inputs
+    if len(tensors) != len(plan) or len({t.name for t in tensors} & plan.keys()) != len(plan):
+        _check_names(request, manifest)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(tensors):
+        raise InvalidInput("raw_input_contents", f"has {len(raw)} entries for {len(tensors)} inputs")
     arrays: dict[str, np.ndarray] = {}
     rows = None
-    for i, tensor in enumerate(request.inputs):
-        spec = expected[tensor.name]
-        dtype = _spec_dtype(spec)
+    for i, tensor in enumerate(tensors):
+        entry = plan[tensor.name]
+        spec, dtype = entry.spec, entry.dtype
         where = f"input {tensor.name!r}"
         if tensor.datatype != dtype.name:
             given_type = shorten(tensor.datatype) if tensor.datatype else "none"
             raise InvalidInput(where, f"datatype must be {dtype.name}, got {given_type}")
-        shape = [int(d) for d in tensor.shape]
-        if len(shape) != len(spec.shape) or any(s != e for s, e in zip(shape, spec.shape, strict=True) if e != -1):
+        shape = list(tensor.shape)
+        if entry.fixed is not None:
+            matches = len(shape) == len(spec.shape) and shape[1:] == entry.fixed
+        else:
+            matches = len(shape) == len(spec.shape) and all(
+                e in (-1, s) for s, e in zip(shape, spec.shape, strict=True)
+            )
+        if not matches:
             raise InvalidInput(where, f"shape {shape} does not match {spec.shape} (-1: any size)")
-        if any(d < 0 for d in shape) or shape[0] < 1:
+        if shape[0] < 1 or min(shape) < 0:
             raise InvalidInput(where, f"shape {shape} must be positive with a batch of at least 1")
         if shape[0] > max_rows:
             raise InvalidInput(where, f"batch of {shape[0]} is over the limit of {max_rows}")
         if rows is not None and shape[0] != rows:
             raise InvalidInput(where, f"batch size {shape[0]} differs from the other inputs' {rows}")
         rows = shape[0]
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(where, "has contents while raw_input_contents is used")
@@ -116,7 +175,8 @@ def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: i
                     where, f"contents.{dtype.contents} has {len(values)} values, shape {shape} needs {count}"
                 )
             array = np.asarray(values, dtype=dtype.numpy).reshape(shape)
-        array = np.ascontiguousarray(array, dtype=np.dtype(spec.dtype))
+        if array.dtype != entry.target:  # frombuffer of the right type is already contiguous
+            array = np.ascontiguousarray(array, dtype=entry.target)
         if spec.range is not None:
             check_range(array, spec, where)
         arrays[tensor.name] = array
@@ -246,20 +306,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deployment = self.plane.deployment(request.model_name, request.model_version)
         model = deployment.manifest
         inputs = decode_inputs(request, model, self.max_rows)
-        declared = [s.name for s in model.outputs]
-        wanted = [o.name for o in request.outputs] or declared
+        datatypes = _output_datatypes(model)
+        wanted = [o.name for o in request.outputs] or list(datatypes)
         for i, name in enumerate(wanted):
-            if name not in declared:
+            if name not in datatypes:
                 raise InvalidInput(
-                    f"outputs[{i}]", f"model {model.name} has no output {shorten(name)} (outputs: {declared})"
+                    f"outputs[{i}]", f"model {model.name} has no output {shorten(name)} (outputs: {list(datatypes)})"
                 )
         outputs = await self.plane.infer(deployment, inputs, deadline_of(context))
-        specs = {s.name: s for s in model.outputs}
         reply = pb.ModelInferResponse(model_name=model.name, model_version=str(deployment.version), id=request.id)
         for name in wanted:
-            array = np.ascontiguousarray(outputs[name])
-            reply.outputs.add(name=name, datatype=_spec_dtype(specs[name]).name, shape=array.shape)
-            reply.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            array = outputs[name]
+            reply.outputs.add(name=name, datatype=datatypes[name], shape=array.shape)
+            if not LITTLE_ENDIAN or array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            reply.raw_output_contents.append(array.tobytes())  # row-major, whatever the array's strides
         return reply
 
 

@@ -96,7 +96,7 @@ class OnnxModel:
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph on batch-first inputs; returns every declared output by name."""
-        outputs = self.session.run(self.output_names, dict(inputs))
+        outputs = self.session.run(self.output_names, inputs if type(inputs) is dict else dict(inputs))
         return dict(zip(self.output_names, outputs, strict=True))
 
     def release_memory(self) -> None:
