@@ -245,3 +245,20 @@ def test_a_full_queue_says_when_it_drains() -> None:
     details = error_details.details_for(error)
     retry = next(d for d in details if isinstance(d, error_details_pb2.RetryInfo))
     assert retry.retry_delay.ToNanoseconds() == int(error.retry_after_s * 1e9)
+
+
+def test_unauthenticated_says_only_that(tiny_repository: Path, tmp_path: Path) -> None:
+    """UNAUTHENTICATED carries an ErrorInfo with its reason and nothing about the server's models."""
+    token_file = tmp_path / "token"
+    token_file.write_text("a-token-for-the-details-test\n")
+    server = start_service("services.classify", tiny_repository, tmp_path / "run", "--auth-token-file", str(token_file))
+    try:
+        with ClassifyClient(server.address) as client, pytest.raises(RpcError) as caught:
+            client.classify(tensor=np.zeros((1, 28, 28), np.uint8), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        status = status_of(caught.value)
+        info = detail(status, error_details_pb2.ErrorInfo)
+        assert (info.reason, info.domain, dict(info.metadata)) == ("UNAUTHENTICATED", "nnserve", {})
+        assert len(status.details) == 1
+    finally:
+        server.stop()
