@@ -84,6 +84,7 @@ bench-venvs: .venv-mlserver/.installed .venv-kserve/.installed
 bench: $(VENV)/.installed-all bench-venvs
 	$(BIN)/python benchmarks/generate_bench.py --out benchmarks/results/generate.json
 	$(BIN)/python benchmarks/model_speed.py --seconds 4 --rounds 2 --out benchmarks/results/model_speed.json
+	$(BIN)/python benchmarks/servicer_overhead.py $${NNSERVE_BENCH_BEFORE:+--root $$NNSERVE_BENCH_BEFORE} --out benchmarks/results/servicer_overhead.json
 	$(BIN)/python benchmarks/run.py --seconds 3
 	$(BIN)/python benchmarks/http_bench.py --seconds 3 --write
 	bash benchmarks/profile_classify.sh 10

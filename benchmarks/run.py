@@ -2,6 +2,8 @@
 
     python benchmarks/run.py                 # everything, about 6 minutes; writes BENCHMARKS.md
     python benchmarks/run.py --seconds 2     # shorter runs
+    python benchmarks/run.py --only overhead # the serving-overhead and workers sections alone
+                                             # (about 4 minutes), the rest kept from the last run
 
 Every server runs pinned to core 0 with one onnxruntime thread; the load generator
 (`nnserve loadtest`, one process) is pinned to core 1. Servers, all serving models/classifier/1:
@@ -306,8 +308,22 @@ def scaling(seconds: float, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--only",
+        choices=["overhead"],
+        default=None,
+        help="run only the serving-overhead and workers sections; the others stay as the last full run left them",
+    )
     args = parser.parse_args(argv)
     peers = [p for p in ("mlserver", "kserve") if (ROOT / f".venv-{p}").exists()]
+    if args.only == "overhead":
+        results = json.loads((RESULTS / "classify.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            results["overhead"] = overhead(args.seconds, peers, Path(tmp))
+            results["scaling"] = scaling(args.seconds, Path(tmp))
+        (RESULTS / "classify.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_markdown(results)
+        return 0
     results: dict = {
         "seconds_per_run": args.seconds,
         "pinning": "server on core 0 (1 onnxruntime thread), client on core 1",
@@ -442,6 +458,25 @@ def overhead_markdown(o: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def servicer_markdown(data: dict) -> str:
+    """benchmarks/servicer_overhead.py's table: CPU per call without the transport."""
+    rows = data["us_per_call"]
+    names = list(next(iter(rows.values())))
+    lines = [
+        "\n### CPU per call without the transport (`python benchmarks/servicer_overhead.py`)\n",
+        "The serving path's own cost: each handler called in a loop in process on core 0, CPU time per call "
+        f"(best of the rounds, {data['calls']:,} calls a row, a tenth of that for 64 images), LeNet-size model. "
+        "`naive` is the sixty-line server's ModelInfer; `nnserve` goes through the interceptor, data plane, "
+        "validation and batcher.\n",
+        "| checkout | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for root, values in rows.items():
+        label = "this build" if Path(root) == ROOT else f"`{Path(root).name}` (earlier build)"
+        lines.append(f"| {label} | " + " | ".join(f"{values[n]:,.1f} us" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def scaling_markdown(scaling: dict) -> str:
     rows = [
         f"| {key} | {runs['1']['requests_per_s']:,.0f} | {runs['2']['requests_per_s']:,.0f} | "
@@ -497,6 +532,9 @@ def write_markdown(results: dict) -> None:
         ok = [s["offered"] for s in sweep if s["latency_ms"]["p99"] < 50 and not s["errors"]]
         sweeps.append(f"| {key} | {max(ok) if ok else 0:,.0f} |")
     overhead_md = overhead_markdown(results["overhead"]) if "overhead" in results else ""
+    per_call = RESULTS / "servicer_overhead.json"
+    if per_call.exists():  # benchmarks/servicer_overhead.py, run beside this one
+        overhead_md += servicer_markdown(json.loads(per_call.read_text()))
     if "scaling" in results:
         overhead_md += scaling_markdown(results["scaling"])
     text = f"""# Benchmarks
