@@ -114,10 +114,10 @@ def test_generation_panels_compute_what_their_titles_say(tmp_path) -> None:  # t
     labels = 'service="generate",model="diffusion_denoiser"'
     a, b = 'instance="a:9103",version="1"', 'instance="b:9103",version="2"'  # the replicas and their versions
     series = [
-        {"series": f'nnserve_model_executions_total{{{labels},{a}}}', "values": "0+60x10"},
-        {"series": f'nnserve_model_inference_rows_total{{{labels},{a}}}', "values": "0+120x10"},
-        {"series": f'nnserve_model_executions_total{{{labels},{b}}}', "values": "0+240x10"},
-        {"series": f'nnserve_model_inference_rows_total{{{labels},{b}}}', "values": "0+1920x10"},
+        {"series": f"nnserve_model_executions_total{{{labels},{a}}}", "values": "0+60x10"},
+        {"series": f"nnserve_model_inference_rows_total{{{labels},{a}}}", "values": "0+120x10"},
+        {"series": f"nnserve_model_executions_total{{{labels},{b}}}", "values": "0+240x10"},
+        {"series": f"nnserve_model_inference_rows_total{{{labels},{b}}}", "values": "0+1920x10"},
         {
             "series": f'nnserve_model_info{{{labels},instance="a:9103",version="1",provider="CPU",precision="fp32"}}',
             "values": "1x10",
@@ -196,7 +196,12 @@ def test_alerting_rules_pass_promtool_check_and_their_unit_tests() -> None:
 def test_prometheus_config_scrapes_every_service() -> None:
     config = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())
     ports = {c["job_name"]: c["dns_sd_configs"][0]["port"] for c in config["scrape_configs"]}
-    assert ports == {"nnserve-classify": 9101, "nnserve-restore": 9102, "nnserve-generate": 9103}
+    assert ports == {
+        "nnserve-classify": 9101,
+        "nnserve-restore": 9102,
+        "nnserve-generate": 9103,
+        "nnserve-console": 9104,
+    }
     assert config["rule_files"] == ["alerts.yml"]  # beside prometheus.yml: in the image and in compose
     prometheus_image = (ROOT / "docker/prometheus.Dockerfile").read_text()
     assert "COPY docker/prometheus/prometheus.yml docker/prometheus/alerts.yml /etc/prometheus/" in prometheus_image

@@ -205,6 +205,7 @@ def test_open_inference_protocol_from_the_host(stack: dict[str, str], test_image
 
 def test_prometheus_scrapes_every_service_with_nonzero_counters(stack: dict[str, str]) -> None:
     wait_until("Prometheus to see all three jobs up", lambda: all(up_targets().get(job) for job in JOBS), 90)
+    wait_until("Prometheus to see the console's metrics up", lambda: up_targets().get("nnserve-console"), 90)
     blank = np.zeros((1, 28, 28), np.uint8)
     with ClassifyClient(stack["classify"]) as c, RestoreClient(stack["restore"]) as r:
         c.classify(tensor=blank, timeout=30)
