@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -120,3 +122,26 @@ def test_batches_respect_max_batch_size_and_split_results_back() -> None:
         assert result["y"].shape == (n, 2) and (result["y"] == 2 * i).all()
     assert max(c for c in calls if c != 20) <= 8  # the 20-row request runs alone
     assert sum(calls) == 36 and len(calls) < 7
+
+
+def test_a_model_slow_per_call_stays_off_the_event_loop_even_when_batches_make_rows_cheap() -> None:
+    """A 16-row batch of a model that costs 5 ms a call is 0.3 ms a row; a lone row must still not run
+    inline (5 ms on the event loop would hold up every other call and keep the queue from forming)."""
+    loop_threads: list[bool] = []
+
+    def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loop_threads.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.005)
+        return {"y": inputs["x"] * 2}
+
+    async def run() -> None:
+        batcher = DynamicBatcher(predict, name="slow", max_batch_size=16, max_delay_s=0.0, inline_max_rows=64)
+        batcher.start()
+        await batcher.submit({"x": np.ones((16, 2), np.float32)})  # the first call: nothing measured yet
+        assert batcher.seconds_per_row * 1 <= 0.002  # per row, a lone request would look cheap enough
+        for _ in range(3):
+            await batcher.submit({"x": np.ones((1, 2), np.float32)})
+        await batcher.stop()
+
+    asyncio.run(run())
+    assert loop_threads == [True, False, False, False]

@@ -166,6 +166,9 @@ class DynamicBatcher:
         self._release = release
         self._grown = False  # a large call ran since memory was last released
         self.seconds_per_row = 0.0  # moving average of model time per row, 0 until measured
+        # Moving average of the time of calls the inline path could have made (at most inline_max_rows
+        # rows): a batched call's cheaper time per row must not open that path to a slow model.
+        self.small_call_s = 0.0
         self._executing = False  # a batch is running in the executor
         self.name = name
         self.max_batch_size = max_batch_size if enabled else 1
@@ -248,6 +251,7 @@ class DynamicBatcher:
             and not self._executing
             and not self._queue
             and rows * self.seconds_per_row <= INLINE_BUDGET_S
+            and self.small_call_s <= INLINE_BUDGET_S
         ):
             return self._run_inline(inputs, rows, deadline)
         request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
@@ -306,6 +310,9 @@ class DynamicBatcher:
         ``enqueued``; None: one request that ran at once)."""
         per_row = (finished - started) / max(rows, 1)
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
+        if rows <= self.inline_max_rows:
+            took = finished - started
+            self.small_call_s = took if not self.small_call_s else 0.9 * self.small_call_s + 0.1 * took
         stats = self.stats
         stats.record_execution(rows, finished - started, self._metrics)
         stats.success_count += requests
