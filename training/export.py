@@ -76,10 +76,9 @@ def export_onnx(
 
 
 def onnx_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU onnxruntime session for evaluation."""
+    """A CPU onnxruntime session for evaluation, with ``threads`` threads (0: as many as torch is given)."""
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -178,11 +177,17 @@ def command_line(argv: Sequence[str] | None, module: str | None = None) -> str:
 
 
 def training_info(
-    argv: Sequence[str] | None, seed: int, data: str, epochs: int, duration_s: float, **extra: Any
+    argv: Sequence[str] | None,
+    seed: int,
+    data: str,
+    epochs: int,
+    duration_s: float,
+    command: str | None = None,
+    **extra: Any,
 ) -> TrainingInfo:
-    """Provenance block of the manifest."""
+    """Provenance block of the manifest (``command``: the training run's, when this run only exports)."""
     return TrainingInfo(
-        command=command_line(argv),
+        command=command or command_line(argv),
         seed=seed,
         data=data,
         epochs=epochs,

@@ -56,10 +56,15 @@ def parse_args(argv: Sequence[str] | None):  # type: ignore[no-untyped-def]
     p.add_argument(
         "--max-train-seconds", type=float, default=0.0, help="stop training after this wall-clock time (0: no limit)"
     )
+    p.add_argument("--mode-seeking", type=float, default=0.0, help="weight of the mode-seeking loss (0: off)")
+    p.add_argument("--resume-from", type=Path, default=None, help="start from this checkpoint's weights")
     p.add_argument("--checkpoint", type=Path, default=None, help="save state here after every epoch")
     p.add_argument("--finalize-from", type=Path, default=None, help="skip training: export this checkpoint")
     p.add_argument(
         "--compare-with", type=Path, default=None, help="earlier version to score beside this one (model card history)"
+    )
+    p.add_argument(
+        "--bn-recalibrate", type=int, default=0, help="batches to re-measure the EMA generator's BN statistics (0: off)"
     )
     p.add_argument("--extra-rows", type=Path, default=None, help="JSON of diversity rows to add (e.g. diffusion)")
     p.set_defaults(classifier=Path("models/classifier/2"))
@@ -84,17 +89,24 @@ def train(args: Any, train_images: np.ndarray, train_labels: np.ndarray) -> tupl
     g = torch.Generator().manual_seed(args.seed)
     gen, disc = Generator(args.latent_dim), Discriminator(mbstd_group=args.mbstd_group)
     ema = EMA(gen, args.ema_decay)
+    history: list[dict[str, float]] = []
+    if args.resume_from:
+        # Weights only: the optimisers start afresh (Adam with beta1 0 forgets its moments within ~100 steps).
+        state = torch.load(args.resume_from, map_location="cpu", weights_only=False)
+        gen.load_state_dict(state["gen"])
+        disc.load_state_dict(state["disc"])
+        ema.model.load_state_dict(state["ema"])
+        history = list(state["history"])
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=2 * args.lr, betas=(0.0, 0.9))
     x_all, y_all = torch.from_numpy(to_input(train_images)), torch.from_numpy(train_labels)
     grid_z, grid_y = fixed_grid_inputs(args.latent_dim, args.seed)
     steps = len(x_all) // args.batch_size or 1
-    history: list[dict[str, float]] = []
     aug = (lambda x: diff_augment(x, args.diffaug, g)) if args.diffaug else (lambda x: x)
     started_all = time.time()  # wall clock: a paused (SIGSTOP) run counts the pause against its limit
     total_steps = 0
     stop = False
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(len(history) + 1, args.epochs + 1):
         started = time.perf_counter()
         sums = {"d_loss": 0.0, "g_loss": 0.0, "r1": 0.0}
         order = torch.randperm(len(x_all), generator=g)
@@ -105,6 +117,8 @@ def train(args: Any, train_images: np.ndarray, train_labels: np.ndarray) -> tupl
             real = torch.where(torch.rand(len(real), 1, 1, 1, generator=g) < 0.5, real.flip(3), real)
             z = torch.randn(len(real), args.latent_dim, generator=g)
             fake_y = torch.randint(0, 10, (len(real),), generator=g)
+            if args.mode_seeking:
+                fake_y[len(real) // 2 : 2 * (len(real) // 2)] = fake_y[: len(real) // 2]  # pairs: same label, other z
             fake = gen(z, fake_y)
             # Discriminator: hinge loss on augmented images (the same policy for real and fake).
             real_score, real_aux = disc(aug(real), y)
@@ -127,6 +141,12 @@ def train(args: Any, train_images: np.ndarray, train_labels: np.ndarray) -> tupl
             # Generator: fool the discriminator (and, with aux_weight, be classified as the class asked for).
             fake_score, fake_aux = disc(aug(fake), fake_y)
             g_loss = -fake_score.mean()
+            if args.mode_seeking:
+                # Mode seeking (Mao et al. 2019): two noises for one label should give images as far
+                # apart as the noises are; the generator minimises the inverse of that ratio.
+                h = len(real) // 2
+                ratio = (fake[:h] - fake[h : 2 * h]).abs().mean() / (z[:h] - z[h : 2 * h]).abs().mean()
+                g_loss = g_loss + args.mode_seeking / (ratio + 1e-5)
             if args.aux_weight:
                 g_loss = g_loss + args.aux_weight * F.cross_entropy(fake_aux, fake_y)
             opt_g.zero_grad(set_to_none=True)
@@ -187,8 +207,29 @@ def train(args: Any, train_images: np.ndarray, train_labels: np.ndarray) -> tupl
     return ema.model, history
 
 
+@torch.no_grad()
+def recalibrate_batch_norm(gen: Generator, batches: int, seed: int, batch_size: int = 256) -> None:
+    """Recompute the generator's batch-norm statistics with its own (EMA) weights.
+
+    The EMA copies the live generator's running statistics, which were measured with other
+    weights; a few forward passes in training mode with a cumulative average measure the ones
+    the exported weights produce (random labels, as training draws them).
+    """
+    norms = [m for m in gen.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    g = torch.Generator().manual_seed(seed + 99)
+    gen.train()
+    for _ in range(batches):
+        gen(torch.randn(batch_size, gen.latent_dim, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+    gen.eval()
+    for m in norms:
+        m.momentum = 0.1
+
+
 RECIPE = ("latent_dim", "epochs", "lr", "batch_size", "aux_weight", "diffaug", "mbstd_group", "r1_gamma", "r1_every",
-          "ema_decay", "seed")  # fmt: skip
+          "ema_decay", "seed", "mode_seeking", "resume_from")  # fmt: skip
 
 
 def load_checkpoint(path: Path, args: Any) -> tuple[Generator, list[dict[str, float]]]:
@@ -199,7 +240,8 @@ def load_checkpoint(path: Path, args: Any) -> tuple[Generator, list[dict[str, fl
     """
     state = torch.load(path, map_location="cpu", weights_only=False)
     for key in RECIPE:
-        setattr(args, key, state["args"][key])
+        if key in state["args"]:
+            setattr(args, key, state["args"][key])
     gen = Generator(args.latent_dim)
     gen.load_state_dict(state["ema"])
     return gen.eval(), state["history"]
@@ -319,6 +361,11 @@ def model_card(fields: dict[str, Any]) -> str:
   inputs): class consistency {old["class_consistency"]:.2%}, domain FID {old["domain_fid"]:.2f}, recall
   {od["recall"]:.3f}, within-class diversity {od["within_class_diversity"]:.2f}, precision {od["precision"]:.3f},
   coverage {od["coverage"]:.3f}."""
+    recal = (
+        f", its batch-norm statistics re-measured with its own weights over {t['bn_recalibrate_batches']} batches of 256"
+        if t.get("bn_recalibrate_batches")
+        else ""
+    )
     aux = f"an AC-GAN auxiliary classifier loss of weight {t['aux_weight']}" if t["aux_weight"] else "no auxiliary loss"
     r1 = f"lazy R1 penalty (gamma {t['r1_gamma']}, every {t['r1_every']} steps)" if t["r1_gamma"] else "no R1 penalty"
     return f"""# Model card: gan_generator, version {fields["version"]}
@@ -340,7 +387,7 @@ ONNX opset {fields["opset"]}; sha256 of `model.onnx`: `{{sha256}}`.
 `{t["command"]}`, seed {t["seed"]}, over `{t["data"]}`: hinge loss, {aux},
 DiffAugment `{t["diffaug"] or "none"}` on every discriminator input (Zhao et al. 2020), {r1},
 Adam (lr {t["lr"]} for G, twice that for D, betas 0.0/0.9), batch {t["batch_size"]}, horizontal flips,
-EMA of the generator weights (decay {t["ema_decay"]}; the EMA generator is exported);
+EMA of the generator weights (decay {t["ema_decay"]}; the EMA generator is exported{recal});
 {t["duration_s"]:.0f} s on {t["hardware"]}, on a machine shared with other jobs.{stopped}
 
 ![losses](training_curves.png)
@@ -377,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen, history = train(args, train_split.images, train_split.labels)
         duration = time.perf_counter() - started
     gen.eval()
+    if args.bn_recalibrate:
+        recalibrate_batch_norm(gen, args.bn_recalibrate, args.seed)
     parameters = sum(p.numel() for p in gen.parameters())
 
     onnx_path = args.out / MODEL_FILE
@@ -427,7 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             mbstd_group=args.mbstd_group,
             r1_gamma=args.r1_gamma,
             r1_every=args.r1_every,
+            mode_seeking=args.mode_seeking,
+            resumed_from=str(args.resume_from) if args.resume_from else None,
             ema_decay=args.ema_decay,
+            bn_recalibrate_batches=args.bn_recalibrate,
             steps=sum(int(row["steps"]) for row in history),
             history=history,
         ),
