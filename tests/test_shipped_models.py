@@ -97,9 +97,8 @@ def splits() -> tuple:
 @pytest.mark.slow
 def test_gan_bars_through_onnxruntime() -> None:
     """Class consistency >= 85% over 10k samples; domain FID below the noisy-test floor; as recorded."""
-    from training.evaluate import generative_metrics
+    from training.evaluate import generative_metrics, sample_inputs
     from training.export import onnx_session, run_onnx
-    from training.train_gan import sample_inputs
 
     version = ModelRepository(MODELS).resolve("gan_generator")
     manifest = version.manifest

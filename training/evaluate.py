@@ -301,6 +301,13 @@ def domain_fid_floors(session: ort.InferenceSession, train: Split, test: Split, 
     }
 
 
+def sample_inputs(n: int, latent_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A GAN's evaluation inputs: n/10 samples per class with seeded noise (the model card's seed)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(10), n // 10).astype(np.int64)
+    return rng.standard_normal((len(labels), latent_dim)).astype(np.float32), labels
+
+
 def generative_metrics(
     samples: np.ndarray, labels: np.ndarray, classifier: Path, train: Split, test: Split
 ) -> dict[str, Any]:
@@ -517,10 +524,9 @@ def generator_rows(
     each GAN version and the diffusion model, all in ``classifier``'s feature space, through onnxruntime.
 
     Every generator draws ``per_class`` samples per class with its model card's seed (the GAN with
-    ``training.train_gan.sample_inputs``; the denoiser through the shipped sampler code).
+    :func:`sample_inputs`; the denoiser through the shipped sampler code).
     """
     from services.core.manifest import Manifest
-    from training.train_gan import sample_inputs
 
     train, test = splits or (load_split("train"), load_split("test"))
     session = classifier_with_features(classifier)

@@ -157,7 +157,10 @@ def tensor_specs(
     def spec(arg: Any) -> TensorSpec:
         shape = [d if isinstance(d, int) else -1 for d in arg.shape]
         return TensorSpec(
-            name=arg.name, dtype=ONNXRUNTIME_DTYPES[arg.type], shape=shape, range=ranges.get(arg.name)  # type: ignore[arg-type]
+            name=arg.name,
+            dtype=ONNXRUNTIME_DTYPES[arg.type],
+            shape=shape,
+            range=ranges.get(arg.name),  # type: ignore[arg-type]
         )
 
     return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]

@@ -281,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics.update(generative_metrics(samples, labels, args.classifier, train_split, test))
         gan = Path("models/gan_generator/1")
         if (gan / MODEL_FILE).exists():
+            from training.evaluate import sample_inputs
             from training.export import run_onnx
-            from training.train_gan import sample_inputs
 
             z, gl = sample_inputs(len(labels), int(_gan_latent(gan)), args.seed)
             gan_samples = run_onnx(onnx_session(gan / MODEL_FILE), {"z": z, "label": gl})[0]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from services.core.manifest import Preprocessing
 from training.common import EMA, base_parser, finish_args, load_data, setup
 from training.data import LABELS
-from training.evaluate import classifier_with_features, diversity_table, generative_metrics, to_input
+from training.evaluate import classifier_with_features, diversity_table, generative_metrics, sample_inputs, to_input
 from training.export import (
     MODEL_FILE,
     check_parity,
@@ -75,13 +75,6 @@ def fixed_grid_inputs(latent_dim: int, seed: int) -> tuple[torch.Tensor, torch.T
     """10 samples per class, one class per row, with noise fixed for the whole run."""
     g = torch.Generator().manual_seed(seed + 1234)
     return torch.randn(100, latent_dim, generator=g), torch.arange(10).repeat_interleave(10)
-
-
-def sample_inputs(n: int, latent_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n/10 samples per class with seeded noise: the evaluation set."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(10), n // 10).astype(np.int64)
-    return rng.standard_normal((len(labels), latent_dim)).astype(np.float32), labels
 
 
 def train(args: Any, train_images: np.ndarray, train_labels: np.ndarray) -> tuple[Generator, list[dict[str, float]]]:
