@@ -612,6 +612,12 @@ Step-level batching with 16 concurrent single-image requests at DDIM 50: **{g["s
     analysis = ROOT / "benchmarks" / "analysis.md"
     if analysis.exists():  # the hand-written reading of these figures, kept beside the generated tables
         text += "\n" + analysis.read_text()
+    # benchmarks/http_bench.py --write keeps its section between markers: a rewrite here carries it over.
+    MARK_BEGIN, MARK_END = "<!-- http-bench:begin -->", "<!-- http-bench:end -->"  # as http_bench.py writes them
+    previous = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else ""
+    if MARK_BEGIN in previous and MARK_END in previous:
+        start, end = previous.index(MARK_BEGIN), previous.index(MARK_END) + len(MARK_END)
+        text = text.rstrip("\n") + "\n\n" + previous[start:end] + "\n"
     (ROOT / "BENCHMARKS.md").write_text(text)
 
 
