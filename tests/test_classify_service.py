@@ -489,3 +489,22 @@ def test_a_model_with_its_own_ood_score_output_is_flagged_by_it(tmp_path: Path) 
     scores = [c.ood_score for c in reply.classifications]
     assert scores == pytest.approx([0.0, 1.0])
     assert [c.out_of_distribution for c in reply.classifications] == [False, True]
+
+
+def test_small_and_large_batches_post_process_alike() -> None:
+    """The plain-Python path for a few images gives the numpy path's top-k, probabilities and energies."""
+    from services.classify.model import _small_batch, energy, softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, size=(64, 10)).astype(np.float32)
+    logits[0, 3] = logits[0, 7] = logits[0].max() + 1  # a tie at the top stays in class order
+    logits[1] = 0.0  # all equal
+    for k in (1, 5, 10):
+        ids, probabilities, energies = _small_batch(logits.tolist(), k)
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        assert ids == top.tolist()
+        expected = np.take_along_axis(softmax(logits), top, axis=1)
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(energies, energy(logits), rtol=1e-5, atol=1e-6)
+    assert _small_batch(logits[:1].tolist(), 2)[0] == [[3, 7]]
+    assert _small_batch(logits[1:2].tolist(), 3)[0] == [[0, 1, 2]]

@@ -47,11 +47,7 @@ class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
                     "out_of_distribution": flag,
                 }
                 for ids, probs, score, flag in zip(
-                    result.class_ids.tolist(),
-                    result.probabilities.tolist(),
-                    result.ood_scores.tolist(),
-                    result.out_of_distribution.tolist(),
-                    strict=True,
+                    result.class_ids, result.probabilities, result.ood_scores, result.out_of_distribution, strict=True
                 )
             ],
         )
