@@ -473,6 +473,15 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     console.streams[job_id] = job
     metrics.streams_in_flight.inc()
     outcome = "disconnected"
+    counted = False
+
+    def count() -> None:
+        nonlocal counted
+        if not counted:
+            counted = True
+            metrics.streams_in_flight.dec()
+            metrics.streams.labels(outcome).inc()
+
     try:
         try:
             event = await call("generate", grpc_call.read())
@@ -504,13 +513,15 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
             # The Stop route cancelled the gRPC call; tell the page, then end the stream.
             outcome = "stopped"
             await response.write(sse("stopped", {"id": job_id}))
+        # Counted before the stream ends: a page (or a test) that reads the metrics as soon as it
+        # has the end of the stream must find this one there.
+        count()
         await response.write_eof()
         return response
     finally:
         console.streams.pop(job_id, None)
         grpc_call.cancel()  # no-op once the call has finished
-        metrics.streams_in_flight.dec()
-        metrics.streams.labels(outcome).inc()
+        count()
 
 
 async def stop_stream(request: web.Request) -> web.Response:
