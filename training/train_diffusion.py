@@ -147,7 +147,10 @@ def train(
         grid = sampler.sample(
             ema.model, grid_y, alphas_cumprod, 20, NULL_CLASS, args.guidance, 0.0, torch.Generator().manual_seed(0)
         )
-        save_grid(grid.numpy().reshape(10, 10, 28, 28), args.out / "samples_during_training.png")
+        # Beside the checkpoint, not in the version directory (see train_gan).
+        save_grid(
+            grid.numpy().reshape(10, 10, 28, 28), args.checkpoint.with_name(args.checkpoint.stem + ".samples.png")
+        )
         log.info(
             "epoch %d/%d  loss %.4f  (%.0fs); checkpoint %s",
             epoch,
@@ -225,7 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup(args)
     train_split, test = load_data(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     alphas_cumprod = cosine_alphas_cumprod(NUM_TRAIN_STEPS)
     model = UNet(tuple(args.widths))
     ema = EMA(model, args.ema_decay)
@@ -245,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.save(state, args.checkpoint)
     denoiser = ema.model.eval()
 
+    # Made at export, not when a run of hours starts: until its manifest is written, a version
+    # directory stops every service that reads the repository.
+    args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out / MODEL_FILE
     example = {"x_t": torch.randn(2, 1, 28, 28), "t": torch.tensor([1, 500]), "label": torch.tensor([3, NULL_CLASS])}
     export_onnx(denoiser, example, ["eps"], onnx_path)

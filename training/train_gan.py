@@ -176,12 +176,12 @@ def train(args: Any, train_images: np.ndarray, train_labels: np.ndarray) -> tupl
         if args.r1_gamma:
             row["r1"] = sums["r1"] / max(1, -(-done // args.r1_every))
         history.append(row)
-        with torch.no_grad():
-            save_grid(
-                ema.model(grid_z, grid_y).numpy().reshape(10, 10, 28, 28), args.out / "samples_during_training.png"
-            )
         if args.checkpoint:
-            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            # Progress beside the checkpoint, not in the version directory: a version directory
+            # without its manifest would stop every service (and test) that reads the repository.
+            with torch.no_grad():
+                samples = ema.model(grid_z, grid_y).numpy().reshape(10, 10, 28, 28)
+            save_grid(samples, args.checkpoint.with_name(args.checkpoint.stem + ".samples.png"))
             state = {"ema": ema.model.state_dict(), "gen": gen.state_dict(), "disc": disc.state_dict()}
             torch.save({**state, "history": history, "args": vars(args)}, args.checkpoint)
             torch.save(
@@ -408,7 +408,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup(args)
     train_split, test = load_data(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.finalize_from:
         gen, history = load_checkpoint(args.finalize_from, args)
@@ -421,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         recalibrate_batch_norm(gen, args.bn_recalibrate, args.seed)
     parameters = sum(p.numel() for p in gen.parameters())
 
+    # Made at export, not when a run of hours starts: until its manifest is written, a version
+    # directory stops every service that reads the repository.
+    args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out / MODEL_FILE
     export_onnx(gen, {"z": torch.randn(2, args.latent_dim), "label": torch.tensor([0, 1])}, ["image"], onnx_path)
     z, labels = sample_inputs(256, args.latent_dim, args.seed)
