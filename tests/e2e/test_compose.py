@@ -113,7 +113,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """The deployment, up and healthy: service name -> host address of its first replica."""
     started = time.monotonic()
     compose("down", "--volumes", "--remove-orphans")  # whatever an interrupted run left behind
-    compose("up", "-d", "classify", "restore", "generate", "prometheus")
+    compose("up", "-d", "classify", "restore", "generate", "console", "prometheus")
     try:
         for service in PORTS:
             wait_until(f"{service} to be healthy", lambda s=service: container_health(s) == ["healthy"], 180)
