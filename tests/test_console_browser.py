@@ -154,7 +154,7 @@ def test_restore_an_example_with_noise_and_a_mask(browser: WebDriver, shots: Pat
         assert browser.find_element(By.ID, f"restore-{part}").get_attribute("src").startswith("data:image/png;base64,")
     assert "anomaly score" in browser.find_element(By.ID, "restore-score").text
     summary = browser.find_element(By.ID, "restore-model").text
-    assert summary.startswith("autoencoder/1") and "noise σ 0.30" in summary and "masked pixels" in summary
+    assert summary.startswith(served("autoencoder")) and "noise σ 0.30" in summary and "masked pixels" in summary
     screenshot(browser, "restore", shots / "console_restore.png")
 
 
