@@ -34,11 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import PY, free_port, mlserver_folder  # noqa: E402
+from benchmarks.run import MARK_BEGIN, MARK_END, PY, free_port, mlserver_folder  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = ROOT / "models" / "classifier" / "1" / "model.onnx"
-MARK_BEGIN, MARK_END = "<!-- http-bench:begin -->", "<!-- http-bench:end -->"
 
 
 def wait_http(url: str, timeout: float = 90.0) -> None:

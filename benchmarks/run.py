@@ -491,6 +491,10 @@ def scaling_markdown(scaling: dict) -> str:
     )
 
 
+# benchmarks/http_bench.py --write keeps its section of BENCHMARKS.md between these markers.
+MARK_BEGIN, MARK_END = "<!-- http-bench:begin -->", "<!-- http-bench:end -->"
+
+
 def write_markdown(results: dict) -> None:
     closed, ip = results["closed_loop"], results["in_process_images_per_s"]
     rows = []
@@ -613,7 +617,6 @@ Step-level batching with 16 concurrent single-image requests at DDIM 50: **{g["s
     if analysis.exists():  # the hand-written reading of these figures, kept beside the generated tables
         text += "\n" + analysis.read_text()
     # benchmarks/http_bench.py --write keeps its section between markers: a rewrite here carries it over.
-    MARK_BEGIN, MARK_END = "<!-- http-bench:begin -->", "<!-- http-bench:end -->"  # as http_bench.py writes them
     previous = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else ""
     if MARK_BEGIN in previous and MARK_END in previous:
         start, end = previous.index(MARK_BEGIN), previous.index(MARK_END) + len(MARK_END)
