@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from services.classify.settings import ClassifySettings
 from services.client import tensor_message
 from services.loadtest import add_arguments
 from services.loadtest import run as run_load
@@ -113,10 +114,11 @@ def test_overload_sheds_fast_and_keeps_admitted_latency_bounded(tmp_path: Path) 
         # Without shedding the queue grows by twice the capacity a second, so admitted calls would
         # wait seconds (about 8 s by the end; a full queue of 1,024 is 7 s of work even at a quiet
         # machine's capacity). With it, one waits at most max_queue_wait_ms (0.1 s), the batch
-        # running when it arrived and its own: up to 64 rows each (max_batch_size) at the measured
+        # running when it arrived and its own: up to max_batch_size rows each (64) at the measured
         # capacity, and 0.1 s for the transport and the client. Measured, not assumed: a loaded
         # machine's slower model moves the bound with it.
-        bound = 1000 * (0.2 + 2 * 64 / capacity)
+        batch = ClassifySettings.model_fields["max_batch_size"].default  # the server runs with it
+        bound = 1000 * (0.2 + 2 * batch / capacity)
         assert overload["latency_ms"]["p99"] < bound, f"admitted requests' p99 is not bounded (bound {bound:.0f} ms)"
         assert overload["error_latency_ms"]["p50"] < 100, "refusals are not fast"
         assert during["rss_kb"] - before["rss_kb"] < 100_000, "memory grew under overload"
