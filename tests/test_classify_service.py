@@ -238,6 +238,19 @@ def test_small_requests_on_an_idle_model_run_inline_without_queueing(tiny_reposi
         assert classify_server.stop() == 0
 
 
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_the_service_runs_on_uvloop_by_default_and_on_asyncio_when_asked(
+    tiny_repository: Path, tmp_path: Path, loop: str
+) -> None:
+    workers = str(len(os.sched_getaffinity(0)))
+    server = start_service("services.classify", tiny_repository, tmp_path, "--workers", workers, "--event-loop", loop)
+    try:
+        _check_inline(server)  # serves, inline and on the same metrics, on either loop
+    finally:
+        assert server.stop() == 0
+    assert f"event loop: {'uvloop' if loop == 'auto' else 'asyncio'})" in server.log()
+
+
 def _check_inline(classify_server: ServiceProcess) -> None:
     before = classify_server.metrics_text()
     with ClassifyClient(classify_server.address) as client:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from services.core import errors, logs, tracing
 from services.core.credentials import bearer_token, server_credentials
+from services.core.eventloop import loop_factory
 from services.core.lifecycle import serve
 from services.core.server import Service
 from services.core.settings import S, add_settings_arguments, settings_from_args
@@ -82,11 +83,13 @@ def main(
         try:
             if worker_settings.tracing:  # in each worker: the exporter's thread does not survive a fork
                 tracing.configure(settings_cls.service or prog)
+            factory = loop_factory(worker_settings.event_loop)
             service = build(worker_settings)
         except (errors.ModelNotFound, errors.ModelLoadError, errors.ConfigError) as exc:
             return _cannot_start(prog, exc)
         try:
-            return asyncio.run(serve(service, worker_settings, port_file))
+            with asyncio.Runner(loop_factory=factory) as runner:
+                return runner.run(serve(service, worker_settings, port_file))
         except RuntimeError as exc:  # grpc's add_insecure_port/add_secure_port: "Failed to bind to address A; ..."
             if not str(exc).startswith("Failed to bind"):
                 raise

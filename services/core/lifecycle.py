@@ -50,13 +50,14 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info(
-        "%s serving %s on %s:%d (HTTP: %s; metrics: %s)",
+        "%s serving %s on %s:%d (HTTP: %s; metrics: %s; event loop: %s)",
         service.name,
         ", ".join(service.service_names),
         settings.host,
         port,
         f"http://{settings.http_host}:{http_port}/v2" if http_port else "off",
         f"http://{settings.metrics_host}:{metrics_port}/metrics" if metrics_port else "off",
+        type(loop).__module__.split(".")[0],
     )
     if port_file is not None:
         _write_atomically(

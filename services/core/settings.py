@@ -90,6 +90,11 @@ class ServiceSettings(BaseSettings):
         "0: one per CPU this process may use.",
     )
     allow_spinning: bool = Field(False, description="Let onnxruntime threads spin-wait between calls.")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="The event loop: uvloop (libuv; less work per call), asyncio's own, or auto: uvloop when "
+        "it is installed.",
+    )
     max_batch_size: int = Field(64, ge=1, description="Most rows the batcher merges into one model call.")
     max_delay_ms: float = Field(
         0.0,
