@@ -145,3 +145,46 @@ def test_a_model_slow_per_call_stays_off_the_event_loop_even_when_batches_make_r
 
     asyncio.run(run())
     assert loop_threads == [True, False, False, False]
+
+
+def test_batches_of_a_fast_model_run_on_the_event_loop_and_stay_within_its_budget() -> None:
+    """Requests that queued behind a call too big for the loop form batches that run on the loop
+    (no thread hand-off), of at most as many rows as fit the 2 ms budget; the big call ran in the
+    batcher's thread."""
+    calls: list[tuple[int, bool]] = []
+    started, release = threading.Event(), threading.Event()
+
+    def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(inputs["x"])
+        calls.append((rows, threading.current_thread() is threading.main_thread()))
+        if rows == 1000:  # holds the model until the small requests have queued (1000 rows: its
+            # time per row stays small, however long the hold, so the estimate is not skewed)
+            started.set()
+            release.wait(10)
+        else:
+            time.sleep(0.0002 * rows)  # 0.2 ms a row: up to ten rows fit the budget
+        return {"y": inputs["x"] * 2}
+
+    async def run() -> list[dict[str, np.ndarray]]:
+        batcher = DynamicBatcher(predict, name="fast", max_batch_size=64, max_delay_s=0.0, inline_max_rows=16)
+        batcher.start()
+        for _ in range(10):  # measured: about 0.2 ms a row
+            await batcher.submit({"x": np.ones((1, 2), np.float32)})
+        big = asyncio.ensure_future(batcher.submit({"x": np.ones((1000, 2), np.float32)}))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        small = [asyncio.ensure_future(batcher.submit({"x": np.full((1, 2), i, np.float32)})) for i in range(24)]
+        await asyncio.sleep(0)  # every small request is queued
+        release.set()
+        results = await asyncio.gather(big, *small)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(run())
+    for i, result in enumerate(results[1:]):
+        assert (result["y"] == 2 * i).all()
+    assert calls[10] == (1000, False)  # more rows than inline_max_rows: the batcher's thread
+    batches = calls[11:]
+    assert sum(rows for rows, _ in batches) == 24
+    assert all(on_loop for _, on_loop in batches), batches
+    # Batched (fewer calls than requests), and none over what fits 2 ms at the measured cost.
+    assert len(batches) < 24 and max(rows for rows, _ in batches) <= 10, batches

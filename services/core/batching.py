@@ -169,7 +169,9 @@ class DynamicBatcher:
         # Moving average of the time of calls the inline path could have made (at most inline_max_rows
         # rows): a batched call's cheaper time per row must not open that path to a slow model.
         self.small_call_s = 0.0
-        self._executing = False  # a batch is running in the executor
+        # The most rows a call may run on the event loop, from the two averages (0: none may).
+        self._loop_rows = inline_max_rows
+        self._executing = False  # a model call is running (in the executor, or inline)
         self.name = name
         self.max_batch_size = max_batch_size if enabled else 1
         self.max_delay_s = max_delay_s if enabled else 0.0
@@ -219,6 +221,10 @@ class DynamicBatcher:
 
         ``deadline`` is a ``time.perf_counter()`` instant after which the request is not run.
         """
+        rows = len(next(iter(inputs.values())))
+        # The common case first: a small request that finds the model idle runs now, on the loop.
+        if rows <= self._loop_rows and not self._executing and not self._queue and self._accepting:
+            return self._run_inline(inputs, rows, deadline)
         if not self._accepting:
             raise Unavailable("server is shutting down")
         if self._waiting >= self.max_queue_size:
@@ -245,15 +251,6 @@ class DynamicBatcher:
                     subject=f"model {self.name}",
                     retry_after_s=self._drain_estimate_s(),
                 )
-        rows = len(next(iter(inputs.values())))
-        if (
-            rows <= self.inline_max_rows
-            and not self._executing
-            and not self._queue
-            and rows * self.seconds_per_row <= INLINE_BUDGET_S
-            and self.small_call_s <= INLINE_BUDGET_S
-        ):
-            return self._run_inline(inputs, rows, deadline)
         request = _Request(inputs, rows, asyncio.get_running_loop().create_future(), deadline)
         if tracing.enabled:
             request.trace = tracing.capture()
@@ -263,6 +260,24 @@ class DynamicBatcher:
             self._metrics.queue_depth.inc()
         self._wakeup.set()
         return await request.future
+
+    def _update_loop_rows(self) -> None:
+        """How many rows fit the event loop's budget (INLINE_BUDGET_S), from the moving averages:
+        none when even small calls take longer (a slow per-call model), and up to inline_max_rows."""
+        if not self.inline_max_rows or self.small_call_s > INLINE_BUDGET_S:
+            self._loop_rows = 0
+        elif not self.seconds_per_row:
+            self._loop_rows = self.inline_max_rows
+        else:
+            self._loop_rows = min(self.inline_max_rows, int(INLINE_BUDGET_S / self.seconds_per_row))
+
+    def _batch_limit(self) -> int:
+        """The most rows a batch takes: max_batch_size, or, where batches run on the event loop, as
+        many rows as fit its budget (on CPU a row costs about the same in any batch, so smaller
+        batches on the loop beat larger ones behind a thread hand-off)."""
+        if not self._loop_rows:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self._loop_rows))
 
     def _drain_estimate_s(self) -> float | None:
         """Model time the queued rows need (a retry hint for shed requests); None until measured."""
@@ -308,11 +323,12 @@ class DynamicBatcher:
     ) -> None:
         """Statistics and metrics of one successful model call and the requests it served (queued at
         ``enqueued``; None: one request that ran at once)."""
-        per_row = (finished - started) / max(rows, 1)
+        took = finished - started
+        per_row = took / max(rows, 1)
         self.seconds_per_row = per_row if not self.seconds_per_row else 0.9 * self.seconds_per_row + 0.1 * per_row
         if rows <= self.inline_max_rows:
-            took = finished - started
             self.small_call_s = took if not self.small_call_s else 0.9 * self.small_call_s + 0.1 * took
+        self._update_loop_rows()
         stats = self.stats
         stats.record_execution(rows, finished - started, self._metrics)
         stats.success_count += requests
@@ -340,7 +356,8 @@ class DynamicBatcher:
         first = self._queue.popleft()
         batch, rows = [first], first.rows
         wait_until = loop.time() + self.max_delay_s
-        while rows < self.max_batch_size:
+        limit = self._batch_limit()
+        while rows < limit:
             if not self._queue:
                 remaining = wait_until - loop.time()
                 if remaining <= 0 or self._flush:
@@ -351,7 +368,7 @@ class DynamicBatcher:
                 except TimeoutError:
                     break
                 continue
-            if rows + self._queue[0].rows > self.max_batch_size:
+            if rows + self._queue[0].rows > limit:
                 break
             request = self._queue.popleft()
             batch.append(request)
@@ -411,7 +428,10 @@ class DynamicBatcher:
         started = time.perf_counter()
         self._executing = True
         try:
-            outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+            if rows <= self._loop_rows:  # no thread hand-off: the model is fast enough to run here
+                outputs = self._predict(inputs)
+            else:
+                outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
         except Exception as exc:
             self._executing = False
             if m:
