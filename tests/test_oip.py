@@ -102,6 +102,11 @@ def _bad(images: np.ndarray, **changes: object) -> pb.ModelInferRequest:
             request.model_name = str(value)
         elif key == "model_version":
             request.model_version = str(value)
+        elif key == "twice":  # the same input again, with its own raw bytes
+            request.inputs.add().CopyFrom(request.inputs[0])
+            request.raw_input_contents.append(request.raw_input_contents[0])
+        elif key == "contents":  # values in contents as well as in raw_input_contents
+            request.inputs[0].contents.fp32_contents.extend([0.0] * images.size)
     return request
 
 
@@ -116,12 +121,17 @@ BAD = {
     "unknown input": (_bad(X, name="pixels"), "INVALID_ARGUMENT", "no input 'pixels'"),
     "unknown output": (_bad(X, output="probs"), "INVALID_ARGUMENT", "no output 'probs'"),
     "too large batch": (_bad(X, shape=[5000, 1, 28, 28]), "INVALID_ARGUMENT", "over the limit of 1024"),
+    "input twice": (_bad(X, twice=True), "INVALID_ARGUMENT", "needs exactly one each of ['image']"),
+    "contents and raw": (_bad(X, contents=True), "INVALID_ARGUMENT", "has contents while raw_input_contents is used"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_infer_requests(stub: pb_grpc.GRPCInferenceServiceStub, case: str) -> None:
     request, code, needle = BAD[case]
+    # A valid request of the same header first: decode_inputs' fast path for headers it accepted
+    # before must refuse the bad one just as the full validation does.
+    assert stub.ModelInfer(infer_request(X), timeout=10).outputs[0].shape == [2, 10]
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelInfer(request, timeout=10)
     assert caught.value.code().name == code and needle in caught.value.details(), caught.value.details()
