@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import time
 import urllib.error
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from services.client import tensor_message
+from services.core import logs
 from services.processes import launch, wait_until_serving
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 from tests.helpers import ROOT, ServiceProcess
@@ -178,3 +180,20 @@ def test_generation_access_records_name_the_model(
     found = {r.request_id: r for r in caplog.records if r.name == "nnserve.access"}  # type: ignore[attr-defined]
     assert "gan_generator/1" in found["gen-0"].getMessage() and found["gen-0"].code == "OK"  # type: ignore[attr-defined]
     assert "diffusion_denoiser/1" in found["gen-1"].getMessage()
+
+
+def test_request_ids_are_uuid4_hex_unique_and_not_repeated_by_a_forked_worker() -> None:
+    """Ids come from random bytes drawn 256 at a time; a forked worker (--workers) must draw its own."""
+    ids = [logs.new_request_id() for _ in range(1000)]  # several draws
+    assert len(set(ids)) == 1000
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).hex == i for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        os.write(write, logs.new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32 and child != logs.new_request_id()

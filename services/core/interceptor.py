@@ -1,5 +1,6 @@
 """The one interceptor every call passes: authentication, drain, error mapping, metrics, request ids,
-the access log and (when on) the call's tracing span.
+the access log and (when on) the call's tracing span. Its guard is put around each method's handler
+once, when servicers register (:class:`Registrar`), not looked up on every call.
 
 Domain errors (:mod:`services.core.errors`) become gRPC status codes here and nowhere else; an
 unexpected exception becomes INTERNAL with a generic message and a full log line. Unary and
@@ -12,7 +13,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -101,9 +102,23 @@ class ServerInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return self._unknown
-        wrapped = self._wrap(method.lstrip("/"), handler, handler_call_details)
-        self._handlers[method] = wrapped
+        return self.wrap(method, handler)
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` of ``method`` ('/package.Service/Method') with the guard around it (cached)."""
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            wrapped = self._handlers[method] = self._wrap(method.lstrip("/"), handler)
         return wrapped
+
+    def registrar(self, server: aio.Server) -> Registrar:
+        """A stand-in for ``server`` to register servicers with: their handlers are wrapped once, at
+        registration, so calls skip gRPC's per-call interceptor step (``intercept_service``)."""
+        return Registrar(server, self)
+
+    def fallback(self) -> grpc.GenericRpcHandler:
+        """The handler for methods no servicer registered (add it to the server last)."""
+        return _Fallback(self._unknown)
 
     async def refuse(self, context: aio.ServicerContext) -> None:
         """Answer a call that arrived while draining with UNAVAILABLE (raises).
@@ -154,9 +169,7 @@ class ServerInterceptor(aio.ServerInterceptor):
         given = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
         return hmac.compare_digest(given, self._expected)
 
-    def _wrap(
-        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             kind = "unary"
         elif handler.unary_stream is not None:
@@ -184,9 +197,19 @@ class ServerInterceptor(aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                async with _Call(guard, context) as call:
-                    await call.admit()
-                    return await inner_uu(parse(request), context)
+                # The same steps as ``async with _Call(...)`` around the call, written out: this runs
+                # on every call, and the context manager's two coroutines were a measurable part of it.
+                call = _Call(guard, context)
+                call.enter()
+                try:
+                    if guard.needs_auth or (self.draining and guard.refuse_when_draining):
+                        await call.admit()
+                    reply = await inner_uu(parse(request), context)
+                except BaseException as exc:
+                    await call.exit(exc)  # maps domain errors to a status (abort raises)
+                    raise
+                call.finish("OK")
+                return reply
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
 
@@ -208,6 +231,57 @@ class ServerInterceptor(aio.ServerInterceptor):
                 return grpc.stream_stream_rpc_method_handler(stream, deserialize, handler.response_serializer)
             return grpc.unary_stream_rpc_method_handler(stream, None, handler.response_serializer)
         return handler
+
+
+class Registrar:
+    """Takes servicers' registrations in place of a grpc.aio server and passes them on with every
+    method handler wrapped by the :class:`ServerInterceptor` (see ServerInterceptor.registrar).
+
+    Generated ``add_*_to_server`` functions call both methods below; both are wrapped, so a call
+    finds a guarded handler whichever way gRPC looks it up.
+    """
+
+    def __init__(self, server: aio.Server, interceptor: ServerInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._interceptor) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrap = self._interceptor.wrap
+        self._server.add_registered_method_handlers(
+            service, {name: wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        )
+
+
+# grpc_reflection registers its asyncio servicer only on something that is an aio.Server.
+aio.Server.register(Registrar)
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A servicer's generic handler whose method handlers come out wrapped (known methods only are
+    cached, so probing paths cannot grow it)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: ServerInterceptor) -> None:
+        self._inner = inner
+        self._interceptor = interceptor
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._interceptor.wrap(handler_call_details.method, handler)  # type: ignore[attr-defined]
+
+
+class _Fallback(grpc.GenericRpcHandler):
+    """Answers methods no servicer registered: counted, and UNAUTHENTICATED before UNIMPLEMENTED."""
+
+    def __init__(self, unknown: grpc.RpcMethodHandler) -> None:
+        self._unknown = unknown
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return self._unknown
 
 
 class _Guard:
@@ -263,6 +337,11 @@ class _Call:
         self.span: Any = None
 
     async def __aenter__(self) -> _Call:
+        self.enter()
+        return self
+
+    def enter(self) -> None:
+        """Start the call: its clock, the in-flight gauge, its request id (in the trailer), its span."""
         self.started = time.perf_counter()
         guard, context = self.guard, self.context
         if guard.timed:
@@ -281,7 +360,6 @@ class _Call:
             self.span = tracing.server_span(
                 guard.method, metadata, {**guard.span_attributes, tracing.REQUEST_ID: self.request_id}
             )
-        return self
 
     def finish(self, code: str) -> None:
         """Count the call (and time it, unless health or reflection), end its span, log its access line."""
@@ -319,6 +397,11 @@ class _Call:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
+        return await self.exit(exc)
+
+    async def exit(self, exc: BaseException | None) -> bool:
+        """End the call: count it; a domain error becomes its gRPC status (``context.abort`` raises
+        AbortError in its place). Returns False: the exception, if any, goes on."""
         guard, context = self.guard, self.context
         code = "OK"
         finished = False

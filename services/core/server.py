@@ -68,13 +68,17 @@ class GrpcServer:
             service.add_servicer(
                 modelinfo.add_to_server, modelinfo.ModelInfoServicer(service.slots), modelinfo.SERVICE_NAME
             )
-        self.server = aio.server(interceptors=[self.interceptor], options=options)
+        self.server = aio.server(options=options)
+        # Every servicer registers through the interceptor, which wraps its handlers once here
+        # rather than on every call; methods nobody registered reach its fallback.
+        registrar = self.interceptor.registrar(self.server)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         for add_to_server, servicer, _ in service.servicers:
-            add_to_server(servicer, self.server)
+            add_to_server(servicer, registrar)
         names = [*service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
+        reflection.enable_server_reflection(names, registrar)
+        self.server.add_generic_rpc_handlers((self.interceptor.fallback(),))
         self.port = 0
         self._watchers: list[asyncio.Task[None]] = []
         # Other listeners of this process (the HTTP server): closed with the gRPC listener, their
