@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.adversarial import pgd
 from training.common import EMA, base_parser, finish_args
 from training.data import Split
 from training.evaluate import to_input
@@ -44,11 +46,13 @@ def parse_args(argv: Sequence[str] | None, doc: str | None = None) -> argparse.N
     p.add_argument("--adv-alpha", type=float, default=None, help="FGSM step (default 1.25 eps; n-fgsm: eps)")
     p.add_argument(
         "--adv-method",
-        choices=["fgsm-rs", "n-fgsm"],
+        choices=["fgsm-rs", "n-fgsm", "pgd"],
         default="fgsm-rs",
         help="fgsm-rs: uniform start in the eps-ball, projected (Wong et al. 2020); n-fgsm: noise of 2 eps, "
-        "no projection (de Jorge et al. 2022), which resists catastrophic overfitting",
+        "no projection (de Jorge et al. 2022), which resists catastrophic overfitting; pgd: --adv-steps "
+        "projected steps from a random start (Madry et al. 2018), slower and stronger",
     )
+    p.add_argument("--adv-steps", type=int, default=3, help="pgd: attack steps per batch (step 2.5 eps / steps)")
     p.add_argument(
         "--adv-clean-weight", type=float, default=0.0, help="weight of the clean images' loss beside the adversarial"
     )
@@ -113,6 +117,20 @@ def n_fgsm(
     loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
     (grad,) = torch.autograd.grad(loss, delta)
     return (x + delta.detach() + alpha * grad.sign()).clamp(0, 1)
+
+
+def pgd_k(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    generator: torch.Generator,
+    steps: int = 3,
+) -> torch.Tensor:
+    """PGD adversarial training's examples (Madry et al. 2018): ``steps`` signed-gradient steps of
+    ``alpha`` from a uniform random start, each projected onto the eps-ball and [0, 1]."""
+    return pgd(model, x, y, eps, steps, step_size=alpha, generator=generator)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -189,7 +207,8 @@ def train(model: Classifier, train_split: Split, val_split: Split, args: argpars
     scheduler = make_scheduler(optimizer, args, total_steps, steps_per_epoch)
     ema = EMA(model, args.ema) if args.ema else None
     alpha = adv_alpha(args)
-    attack = n_fgsm if args.adv_method == "n-fgsm" else fgsm_random_start
+    attacks = {"n-fgsm": n_fgsm, "fgsm-rs": fgsm_random_start, "pgd": functools.partial(pgd_k, steps=args.adv_steps)}
+    attack = attacks[args.adv_method]
     ramp = int(args.adv_ramp_epochs * steps_per_epoch)
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     global_step = 0
@@ -277,6 +296,8 @@ def adv_alpha(args: argparse.Namespace) -> float:
     """The adversarial-training step: given, or the method's default."""
     if args.adv_alpha is not None:
         return float(args.adv_alpha)
+    if args.adv_method == "pgd":
+        return float(2.5 * args.adv_eps / args.adv_steps)
     return float(args.adv_eps if args.adv_method == "n-fgsm" else 1.25 * args.adv_eps)
 
 

@@ -121,6 +121,9 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]]) -> str:
         "N-FGSM examples (de Jorge et al. 2022: uniform noise of 2 eps plus one signed-gradient step, not "
         "projected back onto the eps-ball)"
         if t.get("adv_method") == "n-fgsm"
+        else f"PGD-{t.get('adv_steps')} examples (Madry et al. 2018: projected signed-gradient steps from a "
+        "uniform random start in the eps-ball)"
+        if t.get("adv_method") == "pgd"
         else "FGSM examples from a uniform random start in the eps-ball (Wong et al. 2020)"
     )
     mix = (
@@ -283,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         adv_eps=targs.adv_eps,
         adv_alpha=adv_alpha(targs),
         adv_method=targs.adv_method,
+        adv_steps=getattr(targs, "adv_steps", None),
         adv_clean_weight=targs.adv_clean_weight,
         epoch_size=targs.epoch_size,
         adv_ramp_epochs=targs.adv_ramp_epochs,

@@ -75,9 +75,10 @@ class Classifier(nn.Module):
 def from_onnx(path: str | Path, **kwargs: Any) -> Classifier:
     """A batch-norm-free :class:`Classifier` holding the weights of an exported one.
 
-    The exporter folds batch norm into the convolutions (``<conv>.weight`` and
-    ``<conv>.weight_bias``), so the graph's initializers map one to one onto the layers of
-    ``Classifier(batch_norm=False)``; widths and hidden size are read from their shapes.
+    The exporter folds batch norm into the convolutions (``<conv>.weight`` and ``<conv>.bias``;
+    ``<conv>.weight_bias`` in round 1's graphs; ``model.``-prefixed in served graphs), so the
+    graph's initializers map one to one onto the layers of ``Classifier(batch_norm=False)``;
+    widths and hidden size are read from their shapes.
     """
     import onnx
     from onnx import numpy_helper
@@ -85,11 +86,15 @@ def from_onnx(path: str | Path, **kwargs: Any) -> Classifier:
     weights = {
         t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(str(path)).graph.initializer
     }
+    # A served graph (ScoredClassifier, round 2 on) names the classifier's weights "model.<name>".
+    weights.update({name.removeprefix("model."): w for name, w in weights.items() if name.startswith("model.")})
     widths = (int(weights["features.0.0.weight"].shape[0]), int(weights["features.3.0.weight"].shape[0]))
     model = Classifier(widths=widths, hidden=int(weights["head.2.weight"].shape[0]), batch_norm=False, **kwargs)
     state = {}
     for name in model.state_dict():
-        source = name.replace(".0.bias", ".0.weight_bias") if name.startswith("features.") else name
+        source = name
+        if name.startswith("features.") and name not in weights:
+            source = name.replace(".0.bias", ".0.weight_bias")  # round 1's exporter folded batch norm this way
         state[name] = weights[source].reshape(model.state_dict()[name].shape)
     model.load_state_dict(state)
     return model
