@@ -85,6 +85,9 @@ async def main():
     collect = Collect()
     for add, servicer, _ in service.servicers: add(servicer, collect)
     interceptor = ServerInterceptor(service.metrics)
+    for _, servicer, _ in service.servicers:  # request parsers a servicer brings (as GrpcServer registers them)
+        if hasattr(interceptor, "readers"):
+            interceptor.readers.update(getattr(servicer, "request_readers", {}))
     async def continuation(details): return collect.handlers[details.method]
     infer = await interceptor.intercept_service(continuation, Details("/inference.GRPCInferenceService/ModelInfer"))
     classify = await interceptor.intercept_service(continuation, Details("/nnserve.v1.ClassifyService/Classify"))

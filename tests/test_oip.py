@@ -64,7 +64,7 @@ def test_model_metadata_and_config(stub: pb_grpc.GRPCInferenceServiceStub) -> No
     )
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 8, 64])  # 64 images: over wire.ZERO_COPY_MIN_BYTES
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
 def test_model_infer_matches_in_process_onnxruntime(
     stub: pb_grpc.GRPCInferenceServiceStub, tiny_repository: Path, batch: int, raw: bool

@@ -89,6 +89,9 @@ class ServerInterceptor(aio.ServerInterceptor):
         self._unknown = grpc.unary_unary_rpc_method_handler(self._unknown_method)
         # Counted, not timed: their (nil) latency would only dilute the histogram.
         self._unknown_guard = _Guard(self, f"{UNKNOWN}/{UNKNOWN}", UNKNOWN, timed=False)
+        # Request parsers that replace a method's generated deserializer ('/package.Service/Method':
+        # bytes -> request), from servicers' ``request_readers`` (see GrpcServer).
+        self.readers: dict[str, Callable[[bytes], Any]] = {}
 
     async def intercept_service(
         self,
@@ -181,7 +184,7 @@ class ServerInterceptor(aio.ServerInterceptor):
         guard = _Guard(self, method, kind)
         # Unary requests are parsed here rather than by gRPC, so that bytes that are not the
         # request message get INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing".
-        deserialize = handler.request_deserializer
+        deserialize = self.readers.get("/" + method, handler.request_deserializer)
 
         def parse(raw: Any) -> Any:
             if deserialize is None or not isinstance(raw, bytes):

@@ -22,6 +22,7 @@ from services.core.dataplane import DataPlane
 from services.core.errors import InvalidInput, shorten
 from services.core.manifest import NUMPY_DTYPES, Manifest, TensorSpec
 from services.core.modelinfo import card_parameters
+from services.core.wire import InferRequest, read_infer_request
 from services.proto.inference import grpc_service_pb2 as pb
 from services.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from services.proto.inference import model_config_pb2 as config_pb
@@ -105,7 +106,7 @@ def _output_datatypes(manifest: Manifest) -> dict[str, str]:
     return datatypes
 
 
-def _check_names(request: pb.ModelInferRequest, manifest: Manifest) -> None:
+def _check_names(request: pb.ModelInferRequest | InferRequest, manifest: Manifest) -> None:
     """The request names each declared input exactly once (raises InvalidInput naming what is wrong)."""
     expected = {spec.name for spec in manifest.inputs}
     given = [t.name for t in request.inputs]
@@ -141,7 +142,9 @@ def _accepted(manifest: Manifest, max_rows: int) -> _Headers | None:
     return headers
 
 
-def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: int) -> dict[str, np.ndarray]:
+def decode_inputs(
+    request: pb.ModelInferRequest | InferRequest, manifest: Manifest, max_rows: int
+) -> dict[str, np.ndarray]:
     """Validate a ModelInfer request's inputs against the manifest and return them as arrays.
 
     Inputs in raw_input_contents whose name, datatype and shape were accepted before take a fast
@@ -177,7 +180,9 @@ def decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: i
     return arrays
 
 
-def _decode_inputs(request: pb.ModelInferRequest, manifest: Manifest, max_rows: int) -> dict[str, np.ndarray]:
+def _decode_inputs(
+    request: pb.ModelInferRequest | InferRequest, manifest: Manifest, max_rows: int
+) -> dict[str, np.ndarray]:
     plan = _plan(manifest)
     tensors = request.inputs
     if len(tensors) != len(plan) or len({t.name for t in tensors} & plan.keys()) != len(plan):
@@ -255,6 +260,10 @@ def _duration(count: int, ns: int) -> pb.StatisticDuration:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService for the models of one service process (one version each)."""
+
+    # The server parses ModelInfer requests with this instead of the generated deserializer: a large
+    # request's tensors stay in the received bytes (services/core/wire.py).
+    request_readers = {f"/{SERVICE_NAME}/ModelInfer": read_infer_request}
 
     def __init__(self, plane: DataPlane, max_rows: int, server_name: str = "nnserve") -> None:
         self.plane = plane
@@ -356,7 +365,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return reply
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest | InferRequest, context: aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         deployment = self.plane.deployment(request.model_name, request.model_version)
         model = deployment.manifest
         inputs = decode_inputs(request, model, self.max_rows)

@@ -72,6 +72,8 @@ class GrpcServer:
         # Every servicer registers through the interceptor, which wraps its handlers once here
         # rather than on every call; methods nobody registered reach its fallback.
         registrar = self.interceptor.registrar(self.server)
+        for _, servicer, _ in service.servicers:
+            self.interceptor.readers.update(getattr(servicer, "request_readers", {}))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         for add_to_server, servicer, _ in service.servicers:
