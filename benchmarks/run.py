@@ -252,11 +252,14 @@ print(n * {batch} / (time.perf_counter() - t))
     return float(result.stdout.strip())
 
 
-def overhead(seconds: float, peers: list[str], tmp: Path) -> dict:
+def overhead(seconds: float, peers: list[str], tmp: Path, rounds: int = 1) -> dict:
     """Serving overhead: every server on the shipped classifier and on a LeNet-size one, OIP and typed.
 
     For 64-image requests the one-core limit is 1 / (1/echo req/s + 64/in-process images/s): the
-    transport's cost and the model's, paid in turn on the one core the server has.
+    transport's cost and the model's, paid in turn on the one core the server has. With ``rounds``
+    above 1 every server is measured that many times, the rounds interleaved (all servers once,
+    then again), and each cell is the median run: slow drift of a shared machine then hits every
+    server alike instead of whichever ran during it.
     """
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from lenet import make_lenet
@@ -273,23 +276,33 @@ def overhead(seconds: float, peers: list[str], tmp: Path) -> dict:
     for label, repository in repositories.items():
         path = repository / "classifier" / "1" / "model.onnx"
         ip = {str(b): round(in_process_model(path, b, min(seconds, 2.0)), 1) for b in (1, 64)}
-        rows: dict = {}
+        measured: dict[str, dict[str, list[dict]]] = {}
         plan = [("naive", "infer"), ("nnserve", "classify"), ("nnserve", "infer"), *[(p, "infer") for p in peers]]
         if BEFORE is not None:  # the same server as of an earlier commit, for before/after in one run
             plan[3:3] = [("nnserve-before", "classify"), ("nnserve-before", "infer")]
-        for name in dict.fromkeys(n for n, _ in plan):
-            with server(name, tmp, repository) as address:
-                for rpc in [r for n, r in plan if n == name]:
-                    runs = {str(c): load(address, rpc, seconds, "-c", str(c)) for c in (1, 16)}
-                    runs["64x4"] = load(address, rpc, seconds, "-c", "4", "-n", "64")
-                    rows[f"{name} {rpc}"] = runs
-                    print(
-                        f"{label} {name} {rpc}: c=1 {runs['1']['requests_per_s']:.0f} req/s, "
-                        f"c=16 {runs['16']['requests_per_s']:.0f} req/s, 64x4 {runs['64x4']['images_per_s']:.0f} images/s",
-                        flush=True,
-                    )
+        for round_ in range(1, rounds + 1):
+            for name in dict.fromkeys(n for n, _ in plan):
+                with server(name, tmp, repository) as address:
+                    for rpc in [r for n, r in plan if n == name]:
+                        runs = {str(c): load(address, rpc, seconds, "-c", str(c)) for c in (1, 16)}
+                        runs["64x4"] = load(address, rpc, seconds, "-c", "4", "-n", "64")
+                        for key, run in runs.items():
+                            measured.setdefault(f"{name} {rpc}", {}).setdefault(key, []).append(run)
+                        print(
+                            f"{label} round {round_}/{rounds} {name} {rpc}: c=1 {runs['1']['requests_per_s']:.0f} req/s, "
+                            f"c=16 {runs['16']['requests_per_s']:.0f} req/s, 64x4 {runs['64x4']['images_per_s']:.0f} images/s",
+                            flush=True,
+                        )
+        rows = {row: {key: median_run(runs) for key, runs in cells.items()} for row, cells in measured.items()}
         out["models"][label] = {"in_process_images_per_s": ip, "servers": rows}
     return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower middle one of an even count), with every
+    round's figure kept beside it."""
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_images_per_s": [round(r["images_per_s"], 1) for r in runs]}
 
 
 def scaling(seconds: float, tmp: Path) -> dict:
@@ -309,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument(
+        "--rounds", type=int, default=1, help="overhead section: measure every server this many times, interleaved"
+    )
+    parser.add_argument(
         "--only",
         choices=["overhead"],
         default=None,
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "overhead":
         results = json.loads((RESULTS / "classify.json").read_text())
         with tempfile.TemporaryDirectory() as tmp:
-            results["overhead"] = overhead(args.seconds, peers, Path(tmp))
+            results["overhead"] = overhead(args.seconds, peers, Path(tmp), args.rounds)
             results["scaling"] = scaling(args.seconds, Path(tmp))
         (RESULTS / "classify.json").write_text(json.dumps(results, indent=2) + "\n")
         write_markdown(results)
@@ -329,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": "server on core 0 (1 onnxruntime thread), client on core 1",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        results["overhead"] = overhead(args.seconds, peers, Path(tmp))
+        results["overhead"] = overhead(args.seconds, peers, Path(tmp), args.rounds)
         results["scaling"] = scaling(args.seconds, Path(tmp))
     results["in_process_images_per_s"] = {str(b): round(in_process(b, args.seconds), 1) for b in (1, 16, 64)}
     results["in_process_rows_per_s"] = {
@@ -430,6 +446,14 @@ def overhead_markdown(o: dict) -> str:
         "(1 / (1/echo req/s + 64/in-process images/s)), the one-core bound. nnserve runs with batching, "
         "validation, metrics and limits on (its defaults).\n",
     ]
+    first = next(iter(next(iter(o["models"].values()))["servers"].values()))["1"]
+    rounds = len(first.get("rounds_images_per_s", [None]))
+    if rounds > 1:
+        parts.append(
+            f"Each cell is the median of {rounds} rounds, interleaved (every server once, then again), "
+            "so that a shared machine's drift hits every server alike; every round's figure is in "
+            "`benchmarks/results/classify.json`.\n"
+        )
     for label, m in o["models"].items():
         ip = m["in_process_images_per_s"]
         servers = dict(m["servers"])

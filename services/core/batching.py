@@ -2,7 +2,8 @@
 
 A single worker task takes the oldest request, then adds whatever else is queued (and, up to
 ``max_delay``, whatever arrives) until ``max_batch_size`` rows, concatenates the inputs along axis
-0, runs the model once in a dedicated thread and hands each request its slice of the outputs. While
+0, runs the model once (in a dedicated thread, or on the loop when it is fast: see below) and hands
+each request its slice of the outputs. While
 a batch runs, new requests queue up and form the next batch, so under load batches grow without
 any waiting.
 
@@ -20,8 +21,9 @@ any waiting.
 - A small request (at most ``inline_max_rows`` rows) that finds the model idle (nothing queued,
   no batch running) runs at once on the event loop, if the model is fast (INLINE_BUDGET_S): no
   thread hand-off and no wake-ups, which on CPU is most of a small model's serving overhead.
-  Requests that meet contention queue and batch as above, so batches still form under load
-  where they pay (GPUs).
+  Requests that meet contention queue and batch as above; a batch that fits the same budget
+  also runs on the loop (capped at the rows that fit it), a larger one in the thread. Where
+  inline_max_rows is 0 (GPUs, spare cores) every batch goes to the thread.
 """
 
 from __future__ import annotations
