@@ -3,9 +3,8 @@
 A single worker task takes the oldest request, then adds whatever else is queued (and, up to
 ``max_delay``, whatever arrives) until ``max_batch_size`` rows, concatenates the inputs along axis
 0, runs the model once (in a dedicated thread, or on the loop when it is fast: see below) and hands
-each request its slice of the outputs. While
-a batch runs, new requests queue up and form the next batch, so under load batches grow without
-any waiting.
+each request its slice of the outputs. While a batch runs, new requests queue up and form the next
+batch, so under load batches grow without any waiting.
 
 - The queue is bounded: it counts every admitted request that has not started running (queued or
   in a batch still being formed); one that finds it full is refused at once (``Overloaded``).

@@ -86,9 +86,7 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 
 
 # Where the guard keeps a request's logs.CallRecord (a typed key where aiohttp has them, 3.13+).
-REQUEST_CALL: Any = (
-    web.RequestKey("nnserve_call", logs.CallRecord) if hasattr(web, "RequestKey") else "nnserve_call"
-)
+REQUEST_CALL: Any = web.RequestKey("nnserve_call", logs.CallRecord) if hasattr(web, "RequestKey") else "nnserve_call"
 
 
 def _too_large_message(limit: int, size: int | None) -> str:
