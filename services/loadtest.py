@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import random
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -221,7 +222,10 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
     images = made[0][1]
     result = Result()
     loop = asyncio.get_running_loop()
-    measure_from = loop.time() + args.warmup
+    # Times come from perf_counter, not loop.time(): uvloop's clock counts whole milliseconds, read
+    # once per loop iteration, which would round every latency.
+    clock = time.perf_counter
+    measure_from = clock() + args.warmup
     stop_at = measure_from + args.duration
     budget = [args.requests or -1]
 
@@ -231,7 +235,7 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
-        done = loop.time()
+        done = clock()
         if intended >= measure_from and done <= stop_at + args.timeout:
             result.codes[code] += 1
             if code == "OK":
@@ -241,23 +245,23 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
                 result.errors.record(done - intended)
 
     def more() -> bool:
-        if loop.time() >= stop_at or budget[0] == 0:
+        if clock() >= stop_at or budget[0] == 0:
             return False
-        if budget[0] > 0 and loop.time() >= measure_from:
+        if budget[0] > 0 and clock() >= measure_from:
             budget[0] -= 1
         return True
 
     async def closed_caller(i: int) -> None:
         stub = stubs[i % len(stubs)]
         while more():
-            await call(stub, loop.time())
+            await call(stub, clock())
 
     async def open_loop() -> None:
         rng = random.Random(seed)
         pending: set[asyncio.Task[None]] = set()
-        next_at, i = loop.time(), 0
+        next_at, i = clock(), 0
         while more():
-            delay = next_at - loop.time()
+            delay = next_at - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
             task = loop.create_task(call(stubs[i % len(stubs)], next_at))
@@ -269,12 +273,12 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
             await asyncio.wait(pending)
 
     progress = loop.create_task(_progress(result, measure_from, stop_at, args.quiet))
-    started = loop.time()
+    started = clock()
     if rate > 0:
         await open_loop()
     else:
         await asyncio.gather(*(closed_caller(i) for i in range(concurrency)))
-    result.seconds = min(loop.time(), stop_at) - max(measure_from, started)
+    result.seconds = min(clock(), stop_at) - max(measure_from, started)
     progress.cancel()
     for c in channels:
         await c.close()
@@ -284,10 +288,9 @@ async def _run(args: argparse.Namespace, concurrency: int, rate: float, seed: in
 async def _progress(result: Result, measure_from: float, stop_at: float, quiet: bool) -> None:
     if quiet or not sys.stderr.isatty():  # live lines are for a person watching, not for a log
         return
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(1.0)
-        now = loop.time()
+        now = time.perf_counter()
         if now < measure_from:
             print(f"  warming up ({measure_from - now:.0f}s left)", file=sys.stderr, flush=True)
             continue

@@ -356,11 +356,11 @@ class DynamicBatcher:
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Request]:
         first = self._queue.popleft()
         batch, rows = [first], first.rows
-        wait_until = loop.time() + self.max_delay_s
+        wait_until = time.perf_counter() + self.max_delay_s
         limit = self._batch_limit()
         while rows < limit:
             if not self._queue:
-                remaining = wait_until - loop.time()
+                remaining = wait_until - time.perf_counter()
                 if remaining <= 0 or self._flush:
                     break
                 self._wakeup.clear()
