@@ -141,6 +141,9 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]]) -> str:
         else "standard training"
     )
     epoch_note = f" of {t['epoch_size']:,} images drawn from the training split" if t.get("epoch_size") else ""
+    # The exported graph it started from, as "name vN" (models/<name>/<N>/model.onnx), else classifier v1.
+    init = Path(t["init_from"]).parts if t.get("init_from") else ()
+    source = f"{init[-3]} v{init[-2]}" if len(init) >= 3 and init[-2].isdigit() else "classifier v1"
     return f"""# Model card: {fields["name"]}, version {fields["version"]}
 
 A small VGG-style CNN that labels 28x28 grayscale clothing images with one of the ten
@@ -150,7 +153,7 @@ Served by `nnserve serve classify`.
 ## Architecture
 Two stages of two 3x3 convolutions (32 then 64 channels, ReLU) each followed by 2x2 max pooling,
 then dropout, a 128-unit hidden layer and 10 logits; input normalisation (mean 0.286, std 0.353)
-is inside the graph. **{fields["parameters"]:,} parameters** (the weights of classifier v1, fine-tuned; batch norm
+is inside the graph. **{fields["parameters"]:,} parameters** (the weights of {source}, fine-tuned; batch norm
 is folded into the convolutions, as in v1's exported graph).
 
 - ONNX opset {fields["opset"]}, input `image` float32 [-1, 1, 28, 28] in [0, 1]; outputs `logits` float32 [-1, 10]
@@ -164,7 +167,7 @@ Augmentation: random horizontal flips and shifts of up to 2 pixels{", random era
 
 ## Training
 `{t["command"]}` (export and evaluation: `{t["finalize_command"]}`), seed {t["seed"]}, {t["epochs"]} epochs{epoch_note} from
-classifier v1's weights, {training_kind}. AdamW (weight decay {t["weight_decay"]}), cosine learning rate from {t["lr"]}
+{source}'s weights, {training_kind}. AdamW (weight decay {t["weight_decay"]}), cosine learning rate from {t["lr"]}
 after a {t["warmup_epochs"]}-epoch warm-up, label smoothing {t["label_smoothing"]}, dropout {t["dropout"]}, weight EMA
 {t["ema"]}, batch {t["batch_size"]}; {t["duration_s"]:.0f} s of training on {t["hardware"]}, one torch thread on a
 2-core machine shared with other jobs (wall-clock time, mostly waiting for a core), torch {t["torch_version"]}.
