@@ -49,6 +49,30 @@ def test_idx_reader_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_idx(path), images)
 
 
+def test_a_version_is_published_whole(tmp_path: Path) -> None:
+    """Until its manifest is written a version is out of the repository's sight (a version directory
+    without one is an error for every service that polls the repository); then one rename publishes it."""
+    from training.export import StagedVersion
+
+    assert train_classifier.main(["--dry-run", "--out", str(tmp_path / "classifier" / "1"), "--seed", "3"]) == 0
+    repository = ModelRepository(tmp_path)
+    staged = StagedVersion(tmp_path / "classifier" / "2")
+    assert staged.path.name == "2" and staged.path.parent.parent == tmp_path / "classifier"
+    for name in ("model.onnx", "manifest.json", "MODEL_CARD.md"):  # version 1's files, half written as version 2
+        (staged.path / name).write_bytes((tmp_path / "classifier" / "1" / name).read_bytes())
+        assert repository.versions("classifier") == [1]
+        assert repository.resolve("classifier").version == 1
+    staged.publish()
+    assert repository.versions("classifier") == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["1", "2"]
+    # A re-export replaces the version it names.
+    again = StagedVersion(tmp_path / "classifier" / "2")
+    (again.path / "marker").write_text("new")
+    again.publish()
+    assert [p.name for p in (tmp_path / "classifier" / "2").iterdir()] == ["marker"]
+    assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["1", "2"]
+
+
 def _check_artifact(out: Path, name: str) -> Manifest:
     manifest = Manifest.read(out / "manifest.json")
     assert manifest.name == name
@@ -116,5 +140,7 @@ def test_diffusion_dry_run(tmp_path: Path) -> None:
     assert len(extra["alphas_cumprod"]) == extra["num_train_timesteps"] == 1000
     assert extra["prediction_type"] == "epsilon" and extra["null_class"] == 10
     assert [(s.name, s.dtype) for s in manifest.inputs] == [("x_t", "float32"), ("t", "int64"), ("label", "int64")]
-    # --export-only re-exports from the checkpoint without training
+    # --export-only re-exports from the checkpoint without training, replacing the version
     assert train_diffusion.main([*args, "--export-only"]) == 0
+    assert _check_artifact(out, "diffusion_denoiser").sha256 == manifest.sha256
+    assert sorted(p.name for p in out.parent.iterdir()) == ["1"]  # no staging directory left behind

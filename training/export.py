@@ -2,6 +2,8 @@
 
 The steps every training script runs after training:
 
+0. :class:`StagedVersion` gives the directory to write into, out of the repository's sight, and
+   publishes it whole at the end.
 1. :func:`export_onnx` writes one self-contained ``model.onnx`` (pinned opset, named inputs and
    outputs, dynamic batch axis, weights inside the file) and runs ``onnx.checker``.
 2. :func:`check_parity` compares onnxruntime with PyTorch on given inputs.
@@ -12,8 +14,11 @@ The steps every training script runs after training:
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,9 +42,44 @@ from services.core.manifest import (
     file_sha256,
 )
 
+log = logging.getLogger(__name__)
+
 OPSET = 18
 MODEL_FILE = "model.onnx"
 CARD_FILE = "MODEL_CARD.md"
+
+
+class StagedVersion:
+    """A model version written out of sight and published whole, with one rename.
+
+    Services poll the repository and read a version directory as soon as it appears, and a version
+    without its manifest is an error there (``ModelRepository.versions`` is strict on purpose). A
+    script that wrote in place left a broken repository for the minutes its evaluation takes. So
+    the scripts write into ``<parent>/.staging-<pid>/<version>`` (the same file system; not a version
+    number, so the repository ignores it) and :meth:`publish` renames it to ``out_dir`` once every
+    file is written. The directory keeps the version's name, so the manifest's version (read from
+    it) is the published one's. A run that fails leaves its files in the staging directory, for a
+    look, and publishes nothing.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        if not self.out_dir.name.isdigit():
+            log.warning("%s is not named by a version number: its manifest records version 1", self.out_dir)
+        self.root = self.out_dir.parent / f".staging-{os.getpid()}"
+        self.path = self.root / self.out_dir.name
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+
+    def publish(self) -> Path:
+        """Move the staged version to ``out_dir`` (a version already there, a re-export, is replaced)."""
+        if self.out_dir.exists():
+            # Moved aside first: a directory cannot be renamed over a non-empty one.
+            self.out_dir.rename(self.root / f"{self.out_dir.name}.replaced")
+        self.path.rename(self.out_dir)
+        shutil.rmtree(self.root)
+        return self.out_dir
 
 
 def export_onnx(

@@ -27,6 +27,7 @@ from training.data import Split, split_train_val
 from training.evaluate import classifier_logits, psnr, ssim, synthetic_ood, to_input
 from training.export import (
     MODEL_FILE,
+    StagedVersion,
     check_parity,
     command_line,
     export_onnx,
@@ -556,7 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parameters = count(model)
     model.eval()
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    final = args.out
+    staged = StagedVersion(final)  # published whole at the end (see StagedVersion)
+    args.out = staged.path
     onnx_path = args.out / MODEL_FILE
     export_onnx(model, {"image": torch.rand(2, 1, 28, 28), "mask": torch.zeros(2, 1, 28, 28)}, ["restored"], onnx_path)
     rng = np.random.default_rng(args.seed)
@@ -586,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     manifest = write_model(
         args.out,
-        lambda fields: model_card(fields, history, previous_version(args.out)),
+        lambda fields: model_card(fields, history, previous_version(final)),
         name="autoencoder",
         task="image-restoration",
         preprocessing=Preprocessing(description="Grayscale 28x28 in [0,1], light object on dark background."),
@@ -626,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mask_semantics": "1 marks a damaged pixel to inpaint; zeros when unknown",
         },
     )
+    args.out = staged.publish()
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     if not parity.allclose:
         log.error("parity check failed: %s", parity)

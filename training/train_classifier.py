@@ -26,6 +26,7 @@ from training.data import LABELS, Split, split_train_val
 from training.evaluate import classifier_metrics, to_input
 from training.export import (
     MODEL_FILE,
+    StagedVersion,
     check_parity,
     command_line,
     export_onnx,
@@ -264,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parameters = sum(p.numel() for p in model.parameters())
     model.eval()
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    staged = StagedVersion(args.out)  # published whole at the end (see StagedVersion)
+    args.out = staged.path
     metrics, ood = finalize(model, train_split, val_split, test, args)
     # Hyperparameters as the training run had them (a --finalize-from run only exports and measures).
     targv = shlex.split(checkpoint["command"].split(" && ")[-1])[3:] if args.finalize_from is not None else argv
@@ -311,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics=metrics,
         training=training,
     )
+    args.out = staged.publish()
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     parity = metrics["parity"]
     ok = parity["allclose_rtol1e-3_atol1e-5"] and parity["argmax_agreement"] == 1.0

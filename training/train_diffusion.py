@@ -26,6 +26,7 @@ from training.diffusion.schedule import cosine_alphas_cumprod, epsilon_loss, to_
 from training.evaluate import generative_metrics, to_input
 from training.export import (
     MODEL_FILE,
+    StagedVersion,
     check_parity,
     export_onnx,
     markdown_table,
@@ -247,9 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.save(state, args.checkpoint)
     denoiser = ema.model.eval()
 
-    # Made at export, not when a run of hours starts: until its manifest is written, a version
-    # directory stops every service that reads the repository.
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Made at export, not when a run of hours starts, and out of sight until its manifest is
+    # written: a version directory without one stops every service that reads the repository.
+    staged = StagedVersion(args.out)
+    args.out = staged.path
     onnx_path = args.out / MODEL_FILE
     example = {"x_t": torch.randn(2, 1, 28, 28), "t": torch.tensor([1, 500]), "label": torch.tensor([3, NULL_CLASS])}
     export_onnx(denoiser, example, ["eps"], onnx_path)
@@ -339,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         ranges={"t": (0, NUM_TRAIN_STEPS - 1), "label": (0, NULL_CLASS)},
     )
+    args.out = staged.publish()
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     return 0 if parity.allclose else 1
 

@@ -26,6 +26,7 @@ from training.data import LABELS
 from training.evaluate import classifier_with_features, diversity_table, generative_metrics, sample_inputs, to_input
 from training.export import (
     MODEL_FILE,
+    StagedVersion,
     check_parity,
     export_onnx,
     markdown_table,
@@ -420,9 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         recalibrate_batch_norm(gen, args.bn_recalibrate, args.seed)
     parameters = sum(p.numel() for p in gen.parameters())
 
-    # Made at export, not when a run of hours starts: until its manifest is written, a version
-    # directory stops every service that reads the repository.
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Made at export, not when a run of hours starts, and out of sight until its manifest is
+    # written: a version directory without one stops every service that reads the repository.
+    staged = StagedVersion(args.out)
+    args.out = staged.path
     onnx_path = args.out / MODEL_FILE
     export_onnx(gen, {"z": torch.randn(2, args.latent_dim), "label": torch.tensor([0, 1])}, ["image"], onnx_path)
     z, labels = sample_inputs(256, args.latent_dim, args.seed)
@@ -481,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra={"latent_dim": args.latent_dim, "noise": "standard normal", "num_classes": 10},
         ranges={"label": (0, 9)},
     )
+    args.out = staged.publish()
     log.info("wrote %s (sha256 %s)", args.out, manifest.sha256)
     return 0 if parity.allclose else 1
 
