@@ -30,13 +30,17 @@ async def serve(service: Service, settings: ServiceSettings, port_file: Path | N
         metrics_server, _ = serve_metrics(service.metrics.registry, settings.metrics_host, settings.metrics_port)
         metrics_port = metrics_server.server_port
     server = GrpcServer(service, settings)
-    port = await server.start()
-    http_port = None
-    if settings.http_port is not None:
-        # Started once the models are warm (server.start), so HTTP readiness never runs ahead of gRPC's.
-        http = HttpServer(service, settings, server.interceptor)
-        http_port = await http.start()
-        server.also_close.append(http.stop)
+    try:
+        port = await server.start()
+        http_port = None
+        if settings.http_port is not None:
+            # Started once the models are warm (server.start), so HTTP readiness never runs ahead of gRPC's.
+            http = HttpServer(service, settings, server.interceptor)
+            http_port = await http.start()
+            server.also_close.append(http.stop)
+    except BaseException:
+        await server.close_now()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

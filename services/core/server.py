@@ -114,6 +114,15 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
+    async def close_now(self) -> None:
+        """Close at once, with no drain: for a start that failed part way (a busy HTTP port), so the
+        gRPC server closes on this loop rather than in its finalizer once the loop is gone."""
+        for watcher in self._watchers:
+            watcher.cancel()
+        await self.server.stop(None)
+        for slot in self.service.slots:
+            await slot.stop()
+
     async def stop(self, grace: float) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace``, stop the workers."""
         for watcher in self._watchers:
