@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.cliargs import EXIT_STATUS, HelpFormatter, bounded
+
 
 @dataclass(frozen=True)
 class ServiceSpec:
@@ -103,41 +105,10 @@ ROUND_ROBIN_HELP = (
     "(default: off, one connection)"
 )
 
-EXIT_STATUS = """\
-exit status: 0 done; 1 the call failed (the server's status and message are printed);
-2 bad usage, a file that cannot be read or written, or a service that cannot start."""
-
-
 class CommandError(Exception):
     """A problem on this side (an option, a file): printed as one line, exit status 2."""
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps descriptions as written and ends each option's help with its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == []
-        if "default" in text or unset or action.default is argparse.SUPPRESS or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def _bounded(kind: type, low: float | None = None, high: float | None = None) -> Any:
-    """An argparse type: ``kind`` within [low, high], with an error that names the range."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if (low is not None and value < low) or (high is not None and value > high) or value != value:
-            span = f"{low}..{high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range ({span})")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
 
 
 def _read_files(paths: Sequence[str], what: str) -> list[bytes]:
@@ -473,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("loadtest", help="load-test a service (see 'nnserve loadtest --help')", add_help=False)
 
-    up = sub.add_parser("up", help="start every service on the shipped models", formatter_class=_HelpFormatter)
+    up = sub.add_parser("up", help="start every service on the shipped models", formatter_class=HelpFormatter)
     up.add_argument(
         "--model-repository",
         default=os.environ.get("NNSERVE_MODEL_REPOSITORY", "models"),
@@ -485,16 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", nargs="*", choices=sorted(SERVICES), help="start only these services (default: all of them)"
     )
     up.add_argument(
-        "--start-timeout", type=_bounded(float, 0.001), default=120.0, help="seconds to wait for every service"
+        "--start-timeout", type=bounded(float, 0.001), default=120.0, help="seconds to wait for every service"
     )
 
     classify = sub.add_parser(
-        "classify", help="classify image files", formatter_class=_HelpFormatter, epilog=EXIT_STATUS
+        "classify", help="classify image files", formatter_class=HelpFormatter, epilog=EXIT_STATUS
     )
     classify.add_argument("images", nargs="+", help="image files (PNG, JPEG, ... any size; 28x28 grayscale is native)")
     _client_arguments(classify, "127.0.0.1:50051", 30.0)
     classify.add_argument(
-        "--top-k", type=_bounded(int, 1, 10), default=3, help="classes per image, most probable first"
+        "--top-k", type=bounded(int, 1, 10), default=3, help="classes per image, most probable first"
     )
     classify.add_argument(
         "--model",
@@ -507,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     restore = sub.add_parser(
-        "restore", help="denoise or inpaint image files", formatter_class=_HelpFormatter, epilog=EXIT_STATUS
+        "restore", help="denoise or inpaint image files", formatter_class=HelpFormatter, epilog=EXIT_STATUS
     )
     restore.add_argument("images", nargs="+", help="image files to restore")
     restore.add_argument(
@@ -516,31 +487,31 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--out", type=Path, default=Path("restored"), help="directory for the restored PNGs (IMAGE.restored.png)"
     )
-    restore.add_argument("--scale", type=_bounded(int, 1, 32), default=1, help=SCALE_HELP)
+    restore.add_argument("--scale", type=bounded(int, 1, 32), default=1, help=SCALE_HELP)
     _client_arguments(restore, "127.0.0.1:50052", 30.0)
 
     generate = sub.add_parser(
         "generate",
         help="generate images with the GAN or the diffusion model",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=EXIT_STATUS,
     )
     generate.add_argument("--model", choices=["gan", "diffusion"], default="gan", help="which generator")
     generate.add_argument(
         "--count",
-        type=_bounded(int, 1),
+        type=bounded(int, 1),
         default=16,
         help="images to make (the service's max_count caps it, 64 by default)",
     )
     generate.add_argument(
         "--label",
-        type=_bounded(int, 0),
+        type=bounded(int, 0),
         action="append",
         default=[],
         help="class id 0-9: once for every image, or once per image (default: random classes)",
     )
     generate.add_argument(
-        "--seed", type=_bounded(int, 0, 2**64 - 1), default=None, help="same seed, same images (default: random)"
+        "--seed", type=bounded(int, 0, 2**64 - 1), default=None, help="same seed, same images (default: random)"
     )
     generate.add_argument(
         "--sampler",
@@ -550,16 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument(
         "--steps",
-        type=_bounded(int, 1),
+        type=bounded(int, 1),
         default=None,
         help="diffusion only: denoising steps (default: the sampler's, 10 for DPM-Solver++, 50 for DDIM/DDPM)",
     )
     generate.add_argument(
-        "--eta", type=_bounded(float, 0.0, 1.0), default=None, help="diffusion only: DDIM noise, 0-1 (default: 0)"
+        "--eta", type=bounded(float, 0.0, 1.0), default=None, help="diffusion only: DDIM noise, 0-1 (default: 0)"
     )
     generate.add_argument(
         "--guidance-scale",
-        type=_bounded(float, 0.0, 20.0),
+        type=bounded(float, 0.0, 20.0),
         default=None,
         help="diffusion only: classifier-free guidance, 0-20, 1 = off (default: the model's)",
     )
@@ -569,21 +540,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("generated.png"),
         help="a .png file (one grid of every image) or a directory (one PNG per image)",
     )
-    generate.add_argument("--scale", type=_bounded(int, 1, 32), default=1, help=SCALE_HELP)
+    generate.add_argument("--scale", type=bounded(int, 1, 32), default=1, help=SCALE_HELP)
     _client_arguments(generate, "127.0.0.1:50053", 300.0)
 
     promote = sub.add_parser(
         "promote",
         help="publish a model version under a new version number (copy + manifest rewrite)",
         description=PROMOTE_DESCRIPTION,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=EXIT_STATUS,
     )
     promote.add_argument("model", help="model name, e.g. classifier")
-    promote.add_argument("from_version", type=_bounded(int, 1), help="the version to copy")
+    promote.add_argument("from_version", type=bounded(int, 1), help="the version to copy")
     promote.add_argument(
         "to_version",
-        type=_bounded(int, 1),
+        type=bounded(int, 1),
         nargs="?",
         default=None,
         help="the new version number (default: one above the highest)",
@@ -598,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe = sub.add_parser(
         "describe",
         help="show the model cards of a service's models (task, labels, metrics, provenance, checksum)",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=EXIT_STATUS,
     )
     _client_arguments(describe, "127.0.0.1:50051", 10.0)
@@ -608,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the cards as JSON with the proto's field names (default: text)"
     )
 
-    health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING", formatter_class=_HelpFormatter)
+    health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING", formatter_class=HelpFormatter)
     health.add_argument(
         "address",
         nargs="?",
@@ -618,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--service", default="", help="a service name, e.g. nnserve.v1.ClassifyService (default: the whole server)"
     )
-    health.add_argument("--timeout", type=_bounded(float, 0.001), default=5.0, help="seconds to wait for the answer")
+    health.add_argument("--timeout", type=bounded(float, 0.001), default=5.0, help="seconds to wait for the answer")
     from services.connect import add_connection_arguments
 
     add_connection_arguments(health)
@@ -632,7 +603,7 @@ def _client_arguments(parser: argparse.ArgumentParser, address: str, timeout: fl
     parser.add_argument("--address", default=address, help="host:port of the service")
     parser.add_argument("--round-robin", action="store_true", help=ROUND_ROBIN_HELP)
     parser.add_argument(
-        "--timeout", type=_bounded(float, 0.001), default=timeout, help="seconds before the call gives up"
+        "--timeout", type=bounded(float, 0.001), default=timeout, help="seconds before the call gives up"
     )
     add_connection_arguments(parser)
 

@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from services.cliargs import EXIT_STATUS, HelpFormatter, bounded
 from services.client import channel_options, tensor_message
 from services.connect import ConnectionOptionError, add_connection_arguments, aio_channel, check_connection_arguments
 from services.core.eventloop import loop_factory
@@ -373,9 +374,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from services.cli import _bounded
-
-    positive_int, positive = _bounded(int, 1), _bounded(float, 0.001)
+    positive_int, positive = bounded(int, 1), bounded(float, 0.001)
     p.add_argument("target", help="host:port of an nnserve service")
     p.add_argument(
         "--rpc",
@@ -391,13 +390,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--concurrency", "-c", type=positive_int, default=16, help="closed loop: callers")
     p.add_argument(
-        "--rate", type=_bounded(float, 0.0), default=0.0, help="open loop: requests per second (0: closed loop)"
+        "--rate", type=bounded(float, 0.0), default=0.0, help="open loop: requests per second (0: closed loop)"
     )
     p.add_argument("--arrivals", choices=["constant", "poisson"], default="poisson", help="open loop: arrival process")
     p.add_argument("--duration", type=positive, default=10.0, help="seconds measured, after the warm-up")
-    p.add_argument("--warmup", type=_bounded(float, 0.0), default=2.0, help="seconds of load not measured, first")
+    p.add_argument("--warmup", type=bounded(float, 0.0), default=2.0, help="seconds of load not measured, first")
     p.add_argument(
-        "--requests", type=_bounded(int, 0), default=0, help="stop after this many measured requests (0: no limit)"
+        "--requests", type=bounded(int, 0), default=0, help="stop after this many measured requests (0: no limit)"
     )
     p.add_argument("--images-per-request", "-n", type=positive_int, default=1, help="images (or samples) per call")
     p.add_argument(
@@ -427,10 +426,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nnserve loadtest`` parser (every option's help ends with its default)."""
-    from services.cli import EXIT_STATUS, _HelpFormatter
-
     p = argparse.ArgumentParser(
-        prog="nnserve loadtest", description=__doc__, formatter_class=_HelpFormatter, epilog=EXIT_STATUS
+        prog="nnserve loadtest", description=__doc__, formatter_class=HelpFormatter, epilog=EXIT_STATUS
     )
     add_arguments(p)
     return p
