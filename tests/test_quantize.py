@@ -66,6 +66,11 @@ def test_quantization_is_reproducible(int8_repository: Path, tmp_path: Path) -> 
     before = int8_repository / "classifier" / "1" / "model.int8.onnx"
     assert file_sha256(directory / "model.int8.onnx") == file_sha256(before)
     assert (directory / "MODEL_CARD.md").read_text().count(quantize.CARD_HEADING) == 1
+    # Written under hidden names and moved into place: nothing partial is left beside the variant.
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        p.name for p in (int8_repository / "classifier" / "1").iterdir()
+    )
+    assert not list(directory.glob(".*"))
 
 
 def test_repository_precision_errors(int8_repository: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -286,11 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         calibration = autoencoder_calibration(train, args.calibration_images, args.seed)
         what = "under the training corruptions, half with their damage mask"
-    int8_path = model_dir / INT8_FILE
+    # Written under a hidden name and moved into place at the end: a re-quantized version keeps a
+    # matching pair (model.int8.onnx and its manifest's checksum) for any service that loads it meanwhile.
+    final_path = model_dir / INT8_FILE
+    int8_path = model_dir / f".{INT8_FILE}.{os.getpid()}.partial.onnx"
     config = quantize(fp32_path, int8_path, calibration, OP_TYPES[args.model])
     duration = time.perf_counter() - started
     config["calibration_data"] = f"{what}; {train.source}"
-    log.info("quantized %s -> %s in %.1f s", fp32_path, int8_path, duration)
+    log.info("quantized %s -> %s in %.1f s", fp32_path, final_path, duration)
 
     if args.model == "classifier":
         metrics = classifier_figures(fp32_path, int8_path, fp32, train, test, args.seed)
@@ -337,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         }
     )
+    # The old variant goes first (absent for a moment, never mismatched), then the new file, then
+    # its manifest, which is what makes the variant visible (ModelRepository.precisions).
+    (model_dir / manifest_file(PRECISION)).unlink(missing_ok=True)
+    int8_path.replace(final_path)
+    int8_path = final_path
     manifest.write(model_dir / manifest_file(PRECISION))
     card_path = model_dir / CARD_FILE
     card = card_path.read_text() if card_path.exists() else ""

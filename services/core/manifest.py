@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,4 +131,8 @@ class Manifest(BaseModel):
             if spec.get("range") is None:
                 spec.pop("range", None)  # only index-like inputs declare one
         text = json.dumps(data, indent=2, sort_keys=False)
-        Path(path).write_text(text + "\n")
+        # Replaced in one step: a service polling the repository never reads half a manifest.
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(text + "\n")
+        partial.replace(path)
