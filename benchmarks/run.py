@@ -497,7 +497,8 @@ def servicer_markdown(data: dict) -> str:
     ]
     for root, values in rows.items():
         label = "this build" if Path(root) == ROOT else f"`{Path(root).name}` (earlier build)"
-        lines.append(f"| {label} | " + " | ".join(f"{values[n]:,.1f} us" for n in names) + " |")
+        cells = [f"{values[n]:,.1f} us" if n in values else "n/a" for n in names]  # rows an older build lacks
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,9 @@ disturbs it far less than a throughput figure. Rows:
 - ``nnserve OIP``: ModelInfer through nnserve's interceptor (request id, metrics, error mapping),
   data plane, validation and batcher (inline path), and reply.
 - ``nnserve typed``: Classify the same way (top-k, probabilities, OOD score, labels).
+- ``OIP w/o interceptor``: the OIP call with the servicer's handler called directly; ``..., batcher``:
+  with the batcher's submit replaced by the model call too. The differences are what the
+  interceptor and the batcher cost a call.
 
 The transport (gRPC's own per-call cost, the same for every server) is what the end-to-end
 benchmark (run.py) adds on top. ``--root DIR`` measures another checkout (an earlier build) in the
@@ -117,12 +120,28 @@ async def main():
     async def oip64(): reply(await infer.unary_unary(infer64, context))
     async def typed64(): typed_reply(await classify.unary_unary(classify64, context))
 
+    # Where the OIP call's cost goes: the same call with the interceptor left out (the servicer's
+    # handler called directly), then with the batcher left out too (the model called at once).
+    path = "/inference.GRPCInferenceService/ModelInfer"
+    servicer_handler = collect.handlers[path].unary_unary
+    read = getattr(interceptor, "readers", {}).get(path, parse)
+    async def oip_servicer(): reply(await servicer_handler(read(infer_bytes), context))
+
     out = {}
     for name, fn, n in (("session.run", floor, calls), ("naive", naive_call, calls), ("nnserve OIP", oip_call, calls),
                         ("nnserve typed", typed_call, calls), ("session.run x64", floor64, calls // 10),
                         ("naive x64", naive64, calls // 10), ("nnserve OIP x64", oip64, calls // 10),
-                        ("nnserve typed x64", typed64, calls // 10)):
+                        ("nnserve typed x64", typed64, calls // 10),
+                        ("OIP w/o interceptor", oip_servicer, calls)):
         out[name] = round(await per_call(fn, n), 1)
+    for slot in service.slots:
+        batcher = slot.current.batcher if hasattr(slot, "current") else None
+        if batcher is None or not hasattr(batcher, "_predict"):
+            break
+        async def submit(inputs, deadline=None, predict=batcher._predict): return predict(inputs)
+        batcher.submit = submit
+    else:
+        out["OIP w/o interceptor, batcher"] = round(await per_call(oip_servicer, calls), 1)
     print(json.dumps(out))
 
 asyncio.run(main())
