@@ -44,6 +44,12 @@ MODEL = ROOT / "models" / "classifier" / "1" / "model.onnx"
 BEFORE = Path(os.environ["NNSERVE_BENCH_BEFORE"]) if os.environ.get("NNSERVE_BENCH_BEFORE") else None
 
 
+def describe_checkout(path: Path) -> str:
+    """'b3cd2f7 (2026-12-05)': the commit a checkout is at, so a table names the build it measured."""
+    done = subprocess.run(["git", "-C", str(path), "log", "-1", "--format=%h (%cs)"], capture_output=True, text=True)
+    return done.stdout.strip() or path.name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -267,6 +273,8 @@ def overhead(seconds: float, peers: list[str], tmp: Path, rounds: int = 1) -> di
     make_lenet(tmp / "lenet")
     repositories = {"classifier (468k params)": ROOT / "models", "lenet (62k params)": tmp / "lenet"}
     out: dict = {"echo": {}, "models": {}}
+    if BEFORE is not None:
+        out["before"] = describe_checkout(BEFORE)
     with server("echo", tmp) as address:
         for rpc in ("classify", "infer"):
             runs = {str(c): load(address, rpc, seconds, "-c", str(c)) for c in (1, 16)}
@@ -454,6 +462,11 @@ def overhead_markdown(o: dict) -> str:
             "so that a shared machine's drift hits every server alike; every round's figure is in "
             "`benchmarks/results/classify.json`.\n"
         )
+    if "before" in o:
+        parts.append(
+            f"`nnserve-before` is the same server at commit {o['before']}, started from that checkout "
+            "and measured in the same run.\n"
+        )
     for label, m in o["models"].items():
         ip = m["in_process_images_per_s"]
         servers = dict(m["servers"])
@@ -496,7 +509,8 @@ def servicer_markdown(data: dict) -> str:
         "|---|" + "---|" * len(names),
     ]
     for root, values in rows.items():
-        label = "this build" if Path(root) == ROOT else f"`{Path(root).name}` (earlier build)"
+        commit = data.get("commits", {}).get(root, Path(root).name)
+        label = f"this build, {commit}" if Path(root) == ROOT else f"earlier build, {commit}"
         cells = [f"{values[n]:,.1f} us" if n in values else "n/a" for n in names]  # rows an older build lacks
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

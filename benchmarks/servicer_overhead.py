@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
     from lenet import make_lenet
+    from run import describe_checkout
 
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "lenet"
@@ -187,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{root:<40} " + " ".join(f"{v:>11.1f} us" for v in rows.values()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"calls": args.calls, "us_per_call": best}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {"calls": args.calls, "commits": {r: describe_checkout(Path(r)) for r in best}, "us_per_call": best},
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 
