@@ -513,7 +513,7 @@ def servicer_markdown(data: dict) -> str:
         label = f"this build, {commit}" if Path(root) == ROOT else f"earlier build, {commit}"
         cells = [f"{values[n]:,.1f} us" if n in values else "n/a" for n in names]  # rows an older build lacks
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n"
 
 
 def scaling_markdown(scaling: dict) -> str:
