@@ -184,7 +184,8 @@ def test_generate_a_diffusion_grid_live(browser: WebDriver, shots: Path) -> None
 
 def test_gan_grid(browser: WebDriver) -> None:
     generate(browser, "gan", "7", "9", "50")
-    wait(browser, lambda d: "gan_generator/1" in d.find_element(By.ID, "generate-summary").text, "the GAN grid")
+    gan = served("gan_generator")
+    wait(browser, lambda d: gan in d.find_element(By.ID, "generate-summary").text, "the GAN grid")
     assert "9 × Sneaker" in browser.find_element(By.ID, "generate-summary").text
 
 
