@@ -6,11 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
+import torch
 
 from services.core.manifest import Manifest
 from services.core.repository import ModelRepository
 from training import train_classifier
 from training.data import fake_split, read_idx
+from training.export import export_onnx
 
 
 def test_classifier_dry_run_trains_exports_and_passes_parity(tmp_path: Path) -> None:
@@ -97,6 +100,36 @@ def test_autoencoder_dry_run(tmp_path: Path) -> None:
         None, {"image": np.full((3, 1, 28, 28), 0.5, np.float32), "mask": np.zeros((3, 1, 28, 28), np.float32)}
     )[0]
     assert restored.shape == (3, 1, 28, 28) and 0.0 <= restored.min() and restored.max() <= 1.0
+
+
+def test_autoencoder_grows_from_an_exported_version(tmp_path: Path) -> None:
+    """A restorer loads an exported one with more residual blocks and computes what the graph does,
+    and a run started from it (new blocks, the PSNR loss) records its recipe in the manifest."""
+    from training import train_autoencoder
+    from training.models.autoencoder import Restorer, from_onnx
+
+    torch.manual_seed(0)
+    grown = Restorer((8, 16, 16), mid_blocks=1, fine_blocks=1)
+    with torch.no_grad():  # no block at the identity, so a misplaced weight would show
+        for p in grown.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, mask = torch.rand(3, 1, 28, 28), (torch.rand(3, 1, 28, 28) < 0.2).float()
+    export_onnx(grown, {"image": x, "mask": mask}, ["restored"], tmp_path / "grown.onnx")
+    expected = ort.InferenceSession(str(tmp_path / "grown.onnx")).run(None, {"image": x.numpy(), "mask": mask.numpy()})
+    loaded = from_onnx(tmp_path / "grown.onnx", mid_blocks=2, fine_blocks=2).eval()
+    np.testing.assert_allclose(loaded(x, mask).detach().numpy(), expected[0], atol=1e-5)
+    with pytest.raises(ValueError, match="residual blocks in fine2, cannot load it into 0"):
+        from_onnx(tmp_path / "grown.onnx", mid_blocks=1, fine_blocks=0)
+
+    out = tmp_path / "autoencoder" / "2"
+    args = ["--dry-run", "--out", str(out), "--init-from", str(tmp_path / "grown.onnx")]
+    args += ["--mid-blocks", "1", "--fine-blocks", "2", "--pixel-loss", "psnr", "--semantic-weight", "0"]
+    assert train_autoencoder.main(args) == 0
+    manifest = _check_artifact(out, "autoencoder")
+    assert manifest.training is not None and manifest.training.model_extra is not None
+    recipe = manifest.training.model_extra
+    assert (recipe["widths"], recipe["fine_blocks"], recipe["pixel_loss"]) == ([8, 16, 16], 2, "psnr")
+    assert "minus each image's PSNR" in (out / "MODEL_CARD.md").read_text()
 
 
 def test_gan_dry_run(tmp_path: Path) -> None:

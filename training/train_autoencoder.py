@@ -50,6 +50,17 @@ log = logging.getLogger("train_autoencoder")
 OTHER_CLASSIFIERS = (Path("models/classifier/1"), Path("models/classifier_robust/1"))
 
 
+PIXEL_LOSSES = ("mse+l1", "psnr")
+
+
+def pixel_loss(kind: str, restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """The reconstruction term of the loss (see ``--pixel-loss``)."""
+    if kind == "psnr":
+        mse = (restored - clean).pow(2).flatten(1).mean(1)
+        return 0.1 * torch.log10(mse + 1e-5).mean()
+    return F.mse_loss(restored, clean) + 0.5 * F.l1_loss(restored, clean)
+
+
 def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -67,6 +78,17 @@ def parse_args(argv: Sequence[str] | None):  # type: ignore[no-untyped-def]
     p.add_argument("--mask-probability", type=float, default=0.5, help="how often training shows the damage mask")
     p.add_argument("--widths", type=int, nargs=3, default=[24, 48, 64], help="channels at 28, 14 and 7 pixels")
     p.add_argument("--mid-blocks", type=int, default=0, help="residual blocks at 7x7 pixels")
+    p.add_argument(
+        "--fine-blocks", type=int, default=0, help="residual blocks after the decoder at 14 and at 28 pixels"
+    )
+    p.add_argument(
+        "--pixel-loss",
+        choices=PIXEL_LOSSES,
+        default="mse+l1",
+        help="mse+l1: MSE + 0.5 L1 over the batch; psnr: minus each image's PSNR (MSE floored at 1e-5), "
+        "averaged over the batch and divided by 100: the evaluation's own figure, which weighs an image's "
+        "error by how small it is",
+    )
     p.add_argument(
         "--kind-weights",
         type=float,
@@ -172,7 +194,7 @@ def _learning_rate(args: Any, progress: float) -> float:
 def save_checkpoint(args: Any, model: Restorer, history: list[dict[str, float]], extra: dict[str, Any]) -> None:
     """The weights to export (the EMA's when on), how to rebuild the model, and the run so far."""
     args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    arch = {"widths": list(args.widths), "mid_blocks": args.mid_blocks}
+    arch = {"widths": list(args.widths), "mid_blocks": args.mid_blocks, "fine_blocks": args.fine_blocks}
     state = {
         "model": model.state_dict(),
         "arch": arch,
@@ -221,7 +243,7 @@ def train(
             noisy, damage, _ = corrupt(clean, bank, g, tuple(args.kind_weights))
             show = (torch.rand(len(clean), 1, 1, 1, generator=g) < args.mask_probability).float()
             restored = model(noisy, damage * show)
-            loss = F.mse_loss(restored, clean) + 0.5 * F.l1_loss(restored, clean)
+            loss = pixel_loss(args.pixel_loss, restored, clean)
             if teacher is not None:
                 # The teacher costs more per image than the restorer: a slice of the batch is enough signal.
                 rows = args.teacher_rows or len(clean)
@@ -460,11 +482,24 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]], previous
             " (noise at sigma 0.3 needs context to tell from texture) where a convolution costs a sixteenth of"
             " one at 28x28; each starts as the identity."
         )
+    if t.get("fine_blocks"):
+        deep += (
+            f" {t['fine_blocks']} residual block{'s' if t['fine_blocks'] > 1 else ''} after the decoder at 14 and at"
+            " 28 pixels give the full-resolution detail, which the noise hides most, more depth than one"
+            " convolution pair; they too start as the identity."
+        )
     schedule = f"one-cycle (peak lr {t['lr']})"
     if t.get("max_minutes"):
         ema = f", EMA of the weights with decay {t['ema']} exported" if t.get("ema") else ""
         schedule = (
             f"(peak lr {t['lr']}, 3% warm-up, cosine to 2% over a {t['max_minutes']:.0f}-minute wall-clock budget{ema})"
+        )
+    pixels = "MSE + 0.5 L1"
+    if t.get("pixel_loss") == "psnr":
+        pixels = (
+            "-PSNR/100 (minus each image's PSNR with its MSE floored at 1e-5, averaged over the batch: the"
+            " figure the evaluation reports, which weighs an image's error by how small it is, where MSE over"
+            " the batch is dominated by the hardest images)"
         )
     start = ""
     if t.get("init_from"):
@@ -488,7 +523,7 @@ sha256 of `model.onnx`: `{{sha256}}`.
 
 ## Training
 `{t["command"]}`, seed {t["seed"]}, {passes} epochs on the 60,000 training images of
-`{t["data"]}`, AdamW {schedule}, loss MSE + 0.5 L1{semantic}; {t["duration_s"]:.0f} s on
+`{t["data"]}`, AdamW {schedule}, loss {pixels}{semantic}; {t["duration_s"]:.0f} s on
 {t["hardware"]}.{start} Each image gets one of: none, Gaussian noise (sigma uniform in [0, 0.5]),
 salt-and-pepper (2-20% of pixels), 1-3 occluding rectangles (black, white, gray or noise), or a
 watermark-like overlay of strokes and text, with relative frequencies {t.get("kind_weights")};
@@ -535,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line(argv)
     if args.export_from is not None:
         checkpoint = torch.load(args.export_from, weights_only=True)
-        model = Restorer(tuple(checkpoint["arch"]["widths"]), checkpoint["arch"]["mid_blocks"])
+        arch = checkpoint["arch"]
+        model = Restorer(tuple(arch["widths"]), arch["mid_blocks"], arch.get("fine_blocks", 0))
         model.load_state_dict(checkpoint["model"])
         history, duration = checkpoint["history"], float(checkpoint["duration_s"])
         teacher_accuracy, command = checkpoint.get("teacher_val_accuracy"), checkpoint["command"]
@@ -544,10 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("exporting %s (%d steps, %.0f s of training)", args.export_from, checkpoint["steps"], duration)
     else:
         if args.init_from is not None:
-            model = autoencoder_from_onnx(args.init_from, args.mid_blocks)
+            model = autoencoder_from_onnx(args.init_from, args.mid_blocks, args.fine_blocks)
             args.widths = [model.enc1[0].out_channels, model.enc2[0].out_channels, model.mid[0].out_channels]
         else:
-            model = Restorer(tuple(args.widths), args.mid_blocks)
+            model = Restorer(tuple(args.widths), args.mid_blocks, args.fine_blocks)
         log.info("autoencoder: %d parameters, %d train / %d test images", count(model), len(train_split), len(test))
         started = time.perf_counter()
         teacher, teacher_accuracy = train_teacher(train_split, args)
@@ -611,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             widths=list(args.widths),
             mid_blocks=args.mid_blocks,
+            fine_blocks=args.fine_blocks,
+            pixel_loss=args.pixel_loss,
             semantic_weight=args.semantic_weight,
             feature_weight=args.feature_weight,
             teacher_from=str(args.teacher_from) if args.teacher_from else None,
