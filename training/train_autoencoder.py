@@ -484,9 +484,9 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]], previous
         )
     if t.get("fine_blocks"):
         deep += (
-            f" {t['fine_blocks']} residual block{'s' if t['fine_blocks'] > 1 else ''} after the decoder at 14 and at"
-            " 28 pixels give the full-resolution detail, which the noise hides most, more depth than one"
-            " convolution pair; they too start as the identity."
+            f" Residual blocks after the decoder ({t['fine_blocks']} at 14 pixels, {t['fine_blocks']} at 28) give the"
+            " full-resolution detail, which the noise hides most, more depth than one convolution pair; they too"
+            " start as the identity."
         )
     schedule = f"one-cycle (peak lr {t['lr']})"
     if t.get("max_minutes"):
@@ -577,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher_accuracy, command = checkpoint.get("teacher_val_accuracy"), checkpoint["command"]
         # The flags of the training run, for the card: this run only exports and measures.
         args = parse_args([*shlex.split(command)[3:], "--out", str(args.out)])
+        if args.threads:  # the card's hardware line names the training run's threads, not this process's
+            torch.set_num_threads(args.threads)
         log.info("exporting %s (%d steps, %.0f s of training)", args.export_from, checkpoint["steps"], duration)
     else:
         if args.init_from is not None:
