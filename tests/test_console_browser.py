@@ -38,6 +38,8 @@ def served(name: str) -> str:
     from services.core.repository import ModelRepository
 
     return f"{name}/{ModelRepository(MODELS).versions(name)[-1]}"
+
+
 WAIT_S = 120  # a bound on a hang, never a timing assertion
 
 

@@ -69,9 +69,11 @@ def test_health_and_reflection_are_counted_but_not_timed(classify_server: Servic
         assert "nnserve.v1.ClassifyService" in [s.name for s in replies[0].list_services_response.service]
     after = classify_server.metrics_text()
     ok = {"grpc_code": "OK"}
-    assert metric_value(after, "nnserve_grpc_requests_total", **HEALTH, **ok) - metric_value(
-        before, "nnserve_grpc_requests_total", **HEALTH, **ok
-    ) == 3
+    assert (
+        metric_value(after, "nnserve_grpc_requests_total", **HEALTH, **ok)
+        - metric_value(before, "nnserve_grpc_requests_total", **HEALTH, **ok)
+        == 3
+    )
     reflection_labels = {"grpc_service": "grpc.reflection.v1alpha.ServerReflection", "grpc_type": "bidi_stream"}
     assert metric_value(after, "nnserve_grpc_requests_total", **reflection_labels, **ok) >= 1
     timed = {labels["grpc_service"] for labels in label_sets(after, "nnserve_grpc_request_duration_seconds_count")}
