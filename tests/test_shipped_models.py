@@ -81,6 +81,27 @@ def test_autoencoder_bars_through_onnxruntime() -> None:
     assert manifest.ood is not None and manifest.ood.score == "reconstruction_mse"
 
 
+# Issue #19's bars for an autoencoder after version 2, and version 2's figures, which a later
+# version must not fall below where it misses a bar.
+AUTOENCODER_ROUND2_BARS = {"psnr_sigma0.1_db": 27.0, "psnr_clean_db": 36.0}
+AUTOENCODER_V2 = {"psnr_sigma0.3_db": 21.24, "psnr_sigma0.1_db": 26.67, "classifier_accuracy_restored_sigma0.3": 0.8682}
+
+
+@needs_data
+@pytest.mark.slow
+def test_autoencoder_round2_bars() -> None:
+    """From version 3 on: issue #19's PSNR bars at sigma 0.1 and on clean inputs, and no figure below version 2's."""
+    version = ModelRepository(MODELS).resolve("autoencoder")
+    if version.version < 3:
+        pytest.skip(f"autoencoder/{version.version} predates issue #19's bars")
+    metrics = autoencoder_metrics()
+    for key, bar in AUTOENCODER_ROUND2_BARS.items():
+        assert metrics[key] >= bar, (key, metrics[key], bar)
+    for key, before in AUTOENCODER_V2.items():
+        assert metrics[key] > before, (key, metrics[key], before)
+    assert metrics["psnr_clean_db"] == pytest.approx(version.manifest.metrics["psnr_clean_db"], abs=0.02)
+
+
 @needs_data
 @pytest.mark.slow
 def test_autoencoder_restored_accuracy_bar() -> None:
