@@ -289,7 +289,12 @@ def test_ctrl_c_during_a_call_is_one_line_not_a_traceback(tmp_path: Path) -> Non
         env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
         command = [sys.executable, "-m", "services.cli", "classify", str(image), "--timeout", "120",
                    "--address", f"127.0.0.1:{mute.getsockname()[1]}"]  # fmt: skip
-        proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+        # As from a terminal: a suite run as a background job of a non-interactive shell inherits
+        # SIGINT ignored, and Python then installs no KeyboardInterrupt for the child to raise.
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint
+        )
         connection, _ = mute.accept()  # the client is inside its call now
         with connection:
             proc.send_signal(signal.SIGINT)
