@@ -251,19 +251,30 @@ def test_the_service_runs_on_uvloop_by_default_and_on_asyncio_when_asked(
     assert f"event loop: {'uvloop' if loop == 'auto' else 'asyncio'})" in server.log()
 
 
-def _check_inline(classify_server: ServiceProcess) -> None:
-    before = classify_server.metrics_text()
+def _check_inline(classify_server: ServiceProcess, attempts: int = 5) -> None:
+    """Five one-at-a-time calls run inline: one model call each, and none waits in the queue.
+
+    The inline path closes for a while after a model call slower than its budget (2 ms), which a
+    busy machine can cause in any call; so a round with a queued call is tried again, and the check
+    fails only if no round of ``attempts`` ran wholly inline.
+    """
+    waits = []
     with ClassifyClient(classify_server.address) as client:
-        for _ in range(5):
-            assert len(client.classify(tensor=sample_images(2)).classifications) == 2
-    after = classify_server.metrics_text()
+        for _ in range(attempts):
+            before = classify_server.metrics_text()
+            for _ in range(5):
+                assert len(client.classify(tensor=sample_images(2)).classifications) == 2
+            after = classify_server.metrics_text()
 
-    def delta(name: str) -> float:
-        return metric_value(after, name) - metric_value(before, name)
+            def delta(name: str) -> float:
+                return metric_value(after, name) - metric_value(before, name)  # noqa: B023
 
-    assert delta("nnserve_model_executions_total") == 5 and delta("nnserve_model_inference_rows_total") == 10
-    assert delta("nnserve_batch_queue_wait_seconds_count") == 5
-    assert delta("nnserve_batch_queue_wait_seconds_sum") == 0.0  # never queued
+            assert delta("nnserve_model_executions_total") == 5 and delta("nnserve_model_inference_rows_total") == 10
+            assert delta("nnserve_batch_queue_wait_seconds_count") == 5
+            waits.append(delta("nnserve_batch_queue_wait_seconds_sum"))
+            if waits[-1] == 0.0:  # never queued
+                return
+    pytest.fail(f"no round of 5 calls ran wholly inline; queue wait per round: {waits}")
 
 
 def _check_batched(classify_server: ServiceProcess) -> None:
