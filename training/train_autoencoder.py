@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None):  # type: ignore[no-untyped-def]
         "--pixel-loss",
         choices=PIXEL_LOSSES,
         default="mse+l1",
-        help="mse+l1: MSE + 0.5 L1 over the batch; psnr: minus each image's PSNR (MSE floored at 1e-5), "
+        help="mse+l1: MSE + 0.5 L1 over the batch; psnr: minus each image's PSNR (1e-5 added to its MSE), "
         "averaged over the batch and divided by 100: the evaluation's own figure, which weighs an image's "
         "error by how small it is",
     )
@@ -497,7 +497,7 @@ def model_card(fields: dict[str, Any], history: list[dict[str, float]], previous
     pixels = "MSE + 0.5 L1"
     if t.get("pixel_loss") == "psnr":
         pixels = (
-            "-PSNR/100 (minus each image's PSNR with its MSE floored at 1e-5, averaged over the batch: the"
+            "-PSNR/100 (minus each image's PSNR with 1e-5 added to its MSE, averaged over the batch: the"
             " figure the evaluation reports, which weighs an image's error by how small it is, where MSE over"
             " the batch is dominated by the hardest images)"
         )
@@ -577,8 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher_accuracy, command = checkpoint.get("teacher_val_accuracy"), checkpoint["command"]
         # The flags of the training run, for the card: this run only exports and measures.
         args = parse_args([*shlex.split(command)[3:], "--out", str(args.out)])
-        if args.threads:  # the card's hardware line names the training run's threads, not this process's
-            torch.set_num_threads(args.threads)
+        setup(args)  # the training run's threads, which the card's hardware line names
         log.info("exporting %s (%d steps, %.0f s of training)", args.export_from, checkpoint["steps"], duration)
     else:
         if args.init_from is not None:
