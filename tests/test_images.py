@@ -73,3 +73,14 @@ def test_tensor_shapes_are_normalised() -> None:
     many = tensor_to_images("float32", [3, 28, 28], np.full((3, 28, 28), 0.5, np.float32).tobytes())
     assert one.shape == (1, 1, 28, 28) and many.shape == (3, 1, 28, 28)
     assert many.dtype == np.float32 and float(many.max()) == 0.5
+
+
+def test_uint8_pixels_become_the_float32_nearest_their_value_over_255() -> None:
+    pixels = np.resize(np.arange(256, dtype=np.uint8), (2, 28, 28))
+    unit = tensor_to_images("uint8", [2, 28, 28], pixels.tobytes())
+    assert unit.dtype == np.float32 and unit.flags.writeable
+    # float32(v) * float32(1/255) is within one float32 step (at 1.0) of v / 255 for every byte value
+    exact = np.arange(256, dtype=np.float64) / 255.0
+    error = np.abs(unit.ravel()[:256].astype(np.float64) - exact)
+    assert float(error.max()) <= float(np.spacing(np.float32(1.0))), error.max()
+    assert unit.ravel()[0] == 0.0 and unit.ravel()[255] == 1.0

@@ -104,3 +104,53 @@ def test_broken_bytes_raise_rather_than_read_past_the_end(seed: int) -> None:
         assert ours is None  # whatever protobuf refuses, so does the reader
     elif ours is not None:  # a cut at a field boundary is a valid, shorter message
         assert [bytes(r) for r in ours.raw_input_contents] == list(protobuf.raw_input_contents)
+
+
+def test_classify_reply_bytes_parse_to_the_message_the_constructor_builds() -> None:
+    """The hand-encoded ClassifyResponse against protobuf's own construction and serialization:
+    labels of every length (one- and two-byte length varints, non-ASCII text), top-k from 1 to all
+    classes, flags both ways, scores of any sign and size, large versions."""
+    from services.classify.model import Classifications
+    from services.classify.reply import ReplyEncoder, varint
+    from services.proto.nnserve.v1 import classify_pb2
+
+    rng = random.Random(0)
+    for case in range(200):
+        classes = rng.randint(1, 12)
+        names = ["", "Bag", "Ankle boot", "Séance ☂", "l" * rng.randint(100, 300)]
+        labels = [rng.choice(names) for _ in range(classes)]
+        rows = rng.randint(1, 70)
+        k = rng.randint(1, classes)
+        ids = [rng.sample(range(classes), k) for _ in range(rows)]
+        probabilities = [[rng.choice([0.0, 1.0, rng.random(), 1e-30]) for _ in range(k)] for _ in range(rows)]
+        scores = [rng.choice([0.0, -rng.expovariate(0.1), rng.expovariate(0.001)]) for _ in range(rows)]
+        scores = np.float32(scores).tolist()  # the service's scores are float32 values
+        result = Classifications(ids, probabilities, scores, [rng.random() < 0.3 for _ in range(rows)])
+        name, version = "m" * rng.randint(0, 200), rng.choice([1, 2, 127, 128, 2**40])
+        expected = classify_pb2.ClassifyResponse(
+            model_name=name,
+            model_version=version,
+            classifications=[
+                {
+                    "predictions": [
+                        {"class_id": c, "label": labels[c], "probability": p} for c, p in zip(row, probs, strict=True)
+                    ],
+                    "ood_score": score,
+                    "out_of_distribution": flag,
+                }
+                for row, probs, score, flag in zip(ids, probabilities, scores, result.out_of_distribution, strict=True)
+            ],
+        )
+        got = ReplyEncoder(labels).reply(name, version, result)
+        assert got == expected, f"case {case}"
+        assert got.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+    assert [varint(n) for n in (0, 1, 127, 128, 300, 2**40)] == [
+        b"\x00",
+        b"\x01",
+        b"\x7f",
+        b"\x80\x01",
+        b"\xac\x02",
+        b"\x80\x80\x80\x80\x80\x20",
+    ]
+    with pytest.raises(ValueError, match="negative"):
+        varint(-1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.classify.reply import ReplyEncoder
 from services.core.errors import InvalidInput
 from services.core.images import MAX_REQUEST_PIXELS, TensorInput, collect_images
 from services.core.manifest import Manifest
@@ -53,6 +54,7 @@ class ClassifierModel:
         self.num_classes = manifest.outputs[0].shape[-1]
         if len(self.labels) != self.num_classes:
             self.labels = [str(i) for i in range(self.num_classes)]
+        self.replies = ReplyEncoder(self.labels)
         self.ood_threshold = manifest.ood.threshold if manifest.ood else float("inf")
         # A model may compute its own out-of-distribution score in the graph (classifier v2: a
         # Mahalanobis + energy combination), calibrated by the manifest's threshold; otherwise

@@ -32,23 +32,4 @@ class ClassifyServicer(classify_pb2_grpc.ClassifyServiceServicer):
             batch = model.batch([], tensor)
         outputs = await self.plane.infer(deployment, {model.input_name: batch}, deadline_of(context))
         result = model.postprocess(outputs, k)
-        labels = model.labels
-        # One constructor call from plain values: upb converts them in C, a quarter faster than
-        # adding each classification and prediction from Python (64 images x top 5 = 384 messages).
-        response = classify_pb2.ClassifyResponse(
-            model_name=model.manifest.name,
-            model_version=version,
-            classifications=[
-                {
-                    "predictions": [
-                        {"class_id": i, "label": labels[i], "probability": p} for i, p in zip(ids, probs, strict=True)
-                    ],
-                    "ood_score": score,
-                    "out_of_distribution": flag,
-                }
-                for ids, probs, score, flag in zip(
-                    result.class_ids, result.probabilities, result.ood_scores, result.out_of_distribution, strict=True
-                )
-            ],
-        )
-        return response
+        return model.replies.reply(model.manifest.name, version, result)
