@@ -50,6 +50,18 @@ def describe_checkout(path: Path) -> str:
     return done.stdout.strip() or path.name
 
 
+def describe_cpu() -> str:
+    """'AMD EPYC, 2 cores, AVX2 (no AVX-512)': what the figures were measured on; machines of one
+    kind have differed by 3x in per-call cost, so a table names its CPU."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else "AVX2 (no AVX-512)"
+    if "avx2" not in flags and "avx512f" not in flags:
+        vector = "no AVX2"
+    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores, {vector}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -272,7 +284,7 @@ def overhead(seconds: float, peers: list[str], tmp: Path, rounds: int = 1) -> di
 
     make_lenet(tmp / "lenet")
     repositories = {"classifier (468k params)": ROOT / "models", "lenet (62k params)": tmp / "lenet"}
-    out: dict = {"echo": {}, "models": {}}
+    out: dict = {"echo": {}, "models": {}, "cpu": describe_cpu()}
     if BEFORE is not None:
         out["before"] = describe_checkout(BEFORE)
     with server("echo", tmp) as address:
@@ -454,6 +466,8 @@ def overhead_markdown(o: dict) -> str:
         "(1 / (1/echo req/s + 64/in-process images/s)), the one-core bound. nnserve runs with batching, "
         "validation, metrics and limits on (its defaults).\n",
     ]
+    if "cpu" in o:
+        parts.append(f"Measured on: {o['cpu']}.\n")
     first = next(iter(next(iter(o["models"].values()))["servers"].values()))["1"]
     rounds = len(first.get("rounds_images_per_s", [None]))
     if rounds > 1:
