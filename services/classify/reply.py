@@ -43,11 +43,11 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = [varint(n) for n in range(1 << 14)]  # one- and two-byte lengths, looked up
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]  # the lengths of nearly every piece, looked up
 
 
 def _length(n: int) -> bytes:
-    return _SMALL[n] if n < len(_SMALL) else varint(n)
+    return _ONE_BYTE[n] if n < 0x80 else varint(n)
 
 
 class ReplyEncoder:
