@@ -15,9 +15,12 @@ from prometheus_client import CollectorRegistry
 from services.classify.__main__ import build
 from services.classify.settings import ClassifySettings
 from services.client import tensor_message
-from services.core.batching import DynamicBatcher
+from services.core.batching import INLINE_BUDGET_S, DynamicBatcher
+from services.core.deployment import make_batcher
 from services.core.errors import InvalidInput
+from services.core.metrics import Metrics
 from services.core.server import GrpcServer
+from services.core.settings import available_cpus
 from services.proto.nnserve.v1 import classify_pb2, classify_pb2_grpc
 from tests.helpers import metric_value
 
@@ -126,7 +129,8 @@ def test_batches_respect_max_batch_size_and_split_results_back() -> None:
 
 def test_a_model_slow_per_call_stays_off_the_event_loop_even_when_batches_make_rows_cheap() -> None:
     """A 16-row batch of a model that costs 5 ms a call is 0.3 ms a row; a lone row must still not run
-    inline (5 ms on the event loop would hold up every other call and keep the queue from forming)."""
+    inline under a 2 ms budget (5 ms on the event loop would hold up every other call for longer than
+    allowed and keep the queue from forming)."""
     loop_threads: list[bool] = []
 
     def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,7 +139,9 @@ def test_a_model_slow_per_call_stays_off_the_event_loop_even_when_batches_make_r
         return {"y": inputs["x"] * 2}
 
     async def run() -> None:
-        batcher = DynamicBatcher(predict, name="slow", max_batch_size=16, max_delay_s=0.0, inline_max_rows=64)
+        batcher = DynamicBatcher(
+            predict, name="slow", max_batch_size=16, max_delay_s=0.0, inline_max_rows=64, inline_budget_s=0.002
+        )
         batcher.start()
         await batcher.submit({"x": np.ones((16, 2), np.float32)})  # the first call: nothing measured yet
         assert batcher.seconds_per_row * 1 <= 0.002  # per row, a lone request would look cheap enough
@@ -145,6 +151,43 @@ def test_a_model_slow_per_call_stays_off_the_event_loop_even_when_batches_make_r
 
     asyncio.run(run())
     assert loop_threads == [True, False, False, False]
+
+
+def test_the_inline_budget_decides_which_calls_run_on_the_event_loop() -> None:
+    """The same 1 ms model call runs on the loop under a 1 s budget and in the batcher's thread under a
+    0.5 ms one (its first call, unmeasured, runs on the loop either way)."""
+
+    def on_loop(budget_s: float) -> list[bool]:
+        threads: list[bool] = []
+
+        def predict(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            threads.append(threading.current_thread() is threading.main_thread())
+            time.sleep(0.001)
+            return {"y": inputs["x"]}
+
+        async def run() -> None:
+            batcher = DynamicBatcher(predict, name="m", max_delay_s=0.0, inline_max_rows=64, inline_budget_s=budget_s)
+            batcher.start()
+            for _ in range(3):
+                await batcher.submit({"x": np.ones((1, 2), np.float32)})
+            await batcher.stop()
+
+        asyncio.run(run())
+        return threads
+
+    assert on_loop(1.0) == [True, True, True]
+    assert on_loop(0.0005) == [True, False, False]
+
+
+def test_the_services_inline_budget_setting_reaches_the_batcher(tiny_repository: Path) -> None:
+    settings = ClassifySettings(
+        model_repository=tiny_repository, port=0, metrics_port=None, workers=available_cpus(), inline_budget_ms=7.5
+    )
+    batcher = make_batcher(
+        settings, lambda inputs: dict(inputs), "m", Metrics(CollectorRegistry(), "classify"), version=1
+    )
+    assert batcher.inline_budget_s == 0.0075 and batcher.inline_max_rows == 64
+    assert DynamicBatcher(lambda inputs: dict(inputs), name="m").inline_budget_s == INLINE_BUDGET_S == 0.005
 
 
 def test_batches_of_a_fast_model_run_on_the_event_loop_and_stay_within_its_budget() -> None:
@@ -166,7 +209,9 @@ def test_batches_of_a_fast_model_run_on_the_event_loop_and_stay_within_its_budge
         return {"y": inputs["x"] * 2}
 
     async def run() -> list[dict[str, np.ndarray]]:
-        batcher = DynamicBatcher(predict, name="fast", max_batch_size=64, max_delay_s=0.0, inline_max_rows=16)
+        batcher = DynamicBatcher(
+            predict, name="fast", max_batch_size=64, max_delay_s=0.0, inline_max_rows=16, inline_budget_s=0.002
+        )
         batcher.start()
         for _ in range(10):  # measured: about 0.2 ms a row
             await batcher.submit({"x": np.ones((1, 2), np.float32)})

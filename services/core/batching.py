@@ -18,7 +18,7 @@ batch, so under load batches grow without any waiting.
   isolations are counted in ``nnserve_batch_isolations_total``). The worker goes on.
 - A request larger than ``max_batch_size`` runs alone, in one call.
 - A small request (at most ``inline_max_rows`` rows) that finds the model idle (nothing queued,
-  no batch running) runs at once on the event loop, if the model is fast (INLINE_BUDGET_S): no
+  no batch running) runs at once on the event loop, if the model is fast (``inline_budget_s``): no
   thread hand-off and no wake-ups, which on CPU is most of a small model's serving overhead.
   Requests that meet contention queue and batch as above; a batch that fits the same budget
   also runs on the loop (capped at the rows that fit it), a larger one in the thread. Where
@@ -43,10 +43,13 @@ from services.core.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
-# The longest model call the inline path may make on the event loop: a slower model would hold up
-# every other call (health checks too) and keep its queue from forming, so overload would never
-# be shed. Measured per row, as a moving average.
-INLINE_BUDGET_S = 0.002
+# The longest model call the inline path may make on the event loop, by default: a slower model
+# would hold up every other call (health checks too) for longer and keep its queue from forming,
+# so overload would not be shed. Measured per row, as a moving average. The thread hand-off a
+# longer call pays instead costs 0.1-0.3 ms of CPU on one core (BENCHMARKS.md), so at 5 ms it is
+# at most about 5% of any call that takes it, and a 5 ms stall of the loop is far inside any
+# health probe's timeout or a client's deadline. The service's ``inline_budget_ms`` sets it.
+INLINE_BUDGET_S = 0.005
 
 # After a model call of at least this many rows, a batcher that then stays idle for
 # IDLE_RELEASE_S gives the arena memory the call grew back (see OnnxModel.release_memory).
@@ -160,10 +163,12 @@ class DynamicBatcher:
         enabled: bool = True,
         metrics: ModelMetrics | None = None,
         inline_max_rows: int = 0,
+        inline_budget_s: float = INLINE_BUDGET_S,
         release: Callable[[], None] | None = None,
     ) -> None:
         self._predict = predict
         self.inline_max_rows = inline_max_rows
+        self.inline_budget_s = inline_budget_s
         self._release = release
         self._grown = False  # a large call ran since memory was last released
         self.seconds_per_row = 0.0  # moving average of model time per row, 0 until measured
@@ -263,14 +268,14 @@ class DynamicBatcher:
         return await request.future
 
     def _update_loop_rows(self) -> None:
-        """How many rows fit the event loop's budget (INLINE_BUDGET_S), from the moving averages:
+        """How many rows fit the event loop's budget (inline_budget_s), from the moving averages:
         none when even small calls take longer (a slow per-call model), and up to inline_max_rows."""
-        if not self.inline_max_rows or self.small_call_s > INLINE_BUDGET_S:
+        if not self.inline_max_rows or self.small_call_s > self.inline_budget_s:
             self._loop_rows = 0
         elif not self.seconds_per_row:
             self._loop_rows = self.inline_max_rows
         else:
-            self._loop_rows = min(self.inline_max_rows, int(INLINE_BUDGET_S / self.seconds_per_row))
+            self._loop_rows = min(self.inline_max_rows, int(self.inline_budget_s / self.seconds_per_row))
 
     def _batch_limit(self) -> int:
         """The most rows a batch takes: max_batch_size, or, where batches run on the event loop, as

@@ -105,6 +105,7 @@ def make_batcher(
         enabled=settings.batching,
         metrics=metrics.for_model(name, version),
         inline_max_rows=settings.inline_max_rows if inline else 0,
+        inline_budget_s=settings.inline_budget_ms / 1000.0,
         release=release,
     )
 

@@ -113,8 +113,14 @@ class ServiceSettings(BaseSettings):
         64,
         ge=0,
         description="A request of at most this many rows that finds its model idle runs at once on the event "
-        "loop, without a thread hand-off, if the model's measured time for it is under 2 ms (0: always queue). "
-        "Requests that meet contention still batch.",
+        "loop, without a thread hand-off, if the model's measured time for it is within inline_budget_ms "
+        "(0: always queue). Requests that meet contention still batch.",
+    )
+    inline_budget_ms: float = Field(
+        5.0,
+        gt=0.0,
+        description="The longest model call that may run on the event loop (inline, or a batch that fits it): "
+        "a longer one goes to the batcher's thread, so the loop keeps answering other calls meanwhile.",
     )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest gRPC message in or out.")
     shutdown_delay_s: float = Field(
