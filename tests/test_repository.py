@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from services.core.errors import ModelLoadError, ModelNotFound
@@ -115,3 +116,18 @@ def test_service_start_up_error_names_the_file(repo: Path, breakage: str) -> Non
     assert result.returncode == 2
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_predict_on_the_cpu_provider_matches_onnxruntimes_python_run(repo: Path) -> None:
+    """predict calls the C++ session's run directly on the CPU provider: the same outputs as the
+    Python wrapper's run, and a feed without the model's input is still refused."""
+    model = OnnxModel(ModelRepository(repo).resolve("classifier"))
+    assert model._run != model.session.run  # the direct call is the one in use
+    inputs = {"image": np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)}
+    expected = model.session.run(model.output_names, inputs)
+    outputs = model.predict(inputs)
+    assert list(outputs) == model.output_names
+    for name, array in zip(model.output_names, expected, strict=True):
+        np.testing.assert_array_equal(outputs[name], array)
+    with pytest.raises(Exception, match="image"):
+        model.predict({})
