@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -77,9 +78,10 @@ class OnnxModel:
         # itself; so on the CPU provider predict calls it directly, which saves 7 of the 80 us a
         # LeNet-size call takes on a slow CPU (BENCHMARKS.md). Other providers keep the wrapper
         # for its fallback to the CPU when the provider fails.
-        inner = getattr(self.session, "_sess", None)
-        direct = self.providers == ["CPUExecutionProvider"] and callable(getattr(inner, "run", None))
-        self._run = inner.run if direct else self.session.run
+        self._run: Callable[..., list[Any]] = self.session.run
+        inner_run = getattr(getattr(self.session, "_sess", None), "run", None)
+        if self.providers == ["CPUExecutionProvider"] and callable(inner_run):
+            self._run = inner_run
         log.info(
             "loaded %s/%d from %s on %s with %d intra-op threads",
             version.name,
