@@ -105,10 +105,9 @@ ROUND_ROBIN_HELP = (
     "(default: off, one connection)"
 )
 
+
 class CommandError(Exception):
     """A problem on this side (an option, a file): printed as one line, exit status 2."""
-
-
 
 
 def _read_files(paths: Sequence[str], what: str) -> list[bytes]:
@@ -464,9 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("images", nargs="+", help="image files (PNG, JPEG, ... any size; 28x28 grayscale is native)")
     _client_arguments(classify, "127.0.0.1:50051", 30.0)
-    classify.add_argument(
-        "--top-k", type=bounded(int, 1, 10), default=3, help="classes per image, most probable first"
-    )
+    classify.add_argument("--top-k", type=bounded(int, 1, 10), default=3, help="classes per image, most probable first")
     classify.add_argument(
         "--model",
         default="",
