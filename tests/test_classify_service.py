@@ -254,9 +254,9 @@ def test_the_service_runs_on_uvloop_by_default_and_on_asyncio_when_asked(
 def _check_inline(classify_server: ServiceProcess, attempts: int = 5) -> None:
     """Five one-at-a-time calls run inline: one model call each, and none waits in the queue.
 
-    The inline path closes for a while after a model call slower than its budget (2 ms), which a
-    busy machine can cause in any call; so a round with a queued call is tried again, and the check
-    fails only if no round of ``attempts`` ran wholly inline.
+    The inline path closes for a while after a model call slower than its budget (inline_budget_ms,
+    5 ms), which a busy machine can cause in any call; so a round with a queued call is tried again,
+    and the check fails only if no round of ``attempts`` ran wholly inline.
     """
     waits = []
     with ClassifyClient(classify_server.address) as client:

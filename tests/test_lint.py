@@ -10,11 +10,13 @@ import pytest
 
 from tests.helpers import ROOT
 
+PYTHON_DIRS = ("services", "training", "tests", "tools", "scripts", "benchmarks")
+
 
 @pytest.mark.skipif(shutil.which("ruff") is None and not (ROOT / ".venv/bin/ruff").exists(), reason="ruff missing")
 def test_ruff() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "services", "training", "tests", "tools", "scripts", "benchmarks"],
+        [sys.executable, "-m", "ruff", "check", *PYTHON_DIRS],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -26,19 +28,7 @@ def test_ruff() -> None:
 def test_ruff_format() -> None:
     """The code is as ``ruff format`` writes it (a file that drifted once went unnoticed for weeks)."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ruff",
-            "format",
-            "--check",
-            "services",
-            "training",
-            "tests",
-            "tools",
-            "scripts",
-            "benchmarks",
-        ],
+        [sys.executable, "-m", "ruff", "format", "--check", *PYTHON_DIRS],
         cwd=ROOT,
         capture_output=True,
         text=True,
